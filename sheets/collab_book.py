@@ -1,0 +1,284 @@
+"""``collab_filter.xlsx``: latent-factor collaborative filtering on a MovieLens ratings block.
+
+Four sheets, as in the lecture: ``dotprod`` (a factor matrix product), ``movielens_emb`` (the
+same model written as embedding look-ups), ``bias`` (plus a bias per user and per movie) and
+``word_emb`` (the look-up idea applied to words). The first three carry an Excel Solver model.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import collab
+from engine.errors import InputError
+from sheets.cells import (
+    absolute, block_address, cells_of, column_letter, column_values, numbers, write_block,
+    write_column, write_formula, write_number, write_row, write_text,
+)
+from sheets.solver import SolverModel, attach_solver
+
+N_USERS = N_MOVIES = 15
+N_FACTORS = 5
+FACTOR_LABELS = [f"factor {k}" for k in range(1, N_FACTORS + 1)]
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where ``dotprod`` and ``bias`` keep each block: ratings H2:V16, ids in row 1 and G2:G16.
+
+    ``bias`` is ``dotprod`` with a movie-bias row (19) inserted above the movie factors and a
+    user-bias column (A) beside the user factors, so every later block sits one row lower.
+    """
+
+    with_bias: bool
+
+    ratings = "H2:V16"
+    movie_ids = "H1:V1"
+    user_ids = "G2:G16"
+    movie_bias = "H19:V19"
+
+    @property
+    def movie_factor_row(self):
+        return 20 if self.with_bias else 19
+
+    @property
+    def user_row(self):
+        return 26 if self.with_bias else 25
+
+    @property
+    def movie_factors(self):
+        return block_address(f"H{self.movie_factor_row}", N_FACTORS, N_MOVIES)
+
+    @property
+    def user_factors(self):
+        return block_address(f"B{self.user_row}", N_USERS, N_FACTORS)
+
+    @property
+    def user_bias(self):
+        return block_address(f"A{self.user_row}", N_USERS, 1)
+
+    @property
+    def predictions(self):
+        return block_address(f"H{self.user_row}", N_USERS, N_MOVIES)
+
+    @property
+    def loss(self):
+        return f"V{self.user_row + N_USERS + 1}"
+
+    @property
+    def solver(self):
+        variables = (self.movie_factors, self.user_factors)
+        if self.with_bias:
+            variables = (self.movie_bias, self.movie_factors, self.user_bias, self.user_factors)
+        return SolverModel(self.loss, variables)
+
+
+DOTPROD = GridLayout(with_bias=False)
+BIAS = GridLayout(with_bias=True)
+
+
+def build_grid(ws, layout, block, titles, factors):
+    """Sheet ``dotprod`` or ``bias``: ratings, factors, prediction formulas, RMSE, Solver."""
+    write_text(ws, "G1", "user \\ movie")
+    write_row(ws, "H1", block.movie_ids)
+    write_column(ws, "G2", block.user_ids)
+    write_block(ws, "H2", block.ratings)
+
+    write_text(ws, "G18", "title")
+    write_row(ws, "H18", [titles.get(int(m), "") for m in block.movie_ids])
+    write_column(ws, f"G{layout.movie_factor_row}", FACTOR_LABELS)
+    write_block(ws, f"H{layout.movie_factor_row}", factors.movie_factors.T)
+    write_row(ws, f"B{layout.user_row - 1}", FACTOR_LABELS)
+    write_block(ws, f"B{layout.user_row}", factors.user_factors)
+    write_row(ws, f"H{layout.user_row - 1}", block.movie_ids)
+    write_column(ws, f"G{layout.user_row}", block.user_ids)
+    if layout.with_bias:
+        write_text(ws, "G19", "movie bias")
+        write_row(ws, "H19", factors.movie_bias)
+        write_text(ws, f"A{layout.user_row - 1}", "user bias")
+        write_column(ws, f"A{layout.user_row}", factors.user_bias)
+
+    first_factor, last_factor = layout.movie_factor_row, layout.movie_factor_row + N_FACTORS - 1
+    for i in range(N_USERS):
+        row = layout.user_row + i
+        for j in range(N_MOVIES):
+            col = column_letter(8 + j)
+            product = f"MMULT($B{row}:$F{row},{col}${first_factor}:{col}${last_factor})"
+            if layout.with_bias:
+                product += f"+{col}$19+$A{row}"
+            write_formula(ws, f"{col}{row}", f'=IF({col}{2 + i}="",0,{product})')
+
+    write_text(ws, f"U{layout.user_row + N_USERS + 1}", "RMSE")
+    write_formula(
+        ws, layout.loss,
+        f"=SQRT(SUMXMY2({layout.ratings},{layout.predictions})/COUNT({layout.ratings}))",
+    )
+    attach_solver(ws, layout.solver)
+
+
+def reference_grid(ws, layout):
+    """Expected predictions and RMSE of a ``dotprod`` or ``bias`` sheet, from its inputs."""
+    ratings = numbers(ws, layout.ratings, blank_ok=True)
+    movie_factors = numbers(ws, layout.movie_factors).T
+    user_factors = numbers(ws, layout.user_factors)
+    user_bias = movie_bias = None
+    if layout.with_bias:
+        user_bias = numbers(ws, layout.user_bias)[:, 0]
+        movie_bias = numbers(ws, layout.movie_bias)[0]
+
+    predictions = collab.predict(ratings, user_factors, movie_factors, user_bias, movie_bias)
+    expected = cells_of(layout.predictions, predictions)
+    expected[layout.loss] = collab.rmse(ratings, predictions)
+    return expected
+
+
+# movielens_emb: factor tables on the left, ratings in long form from I3 down.
+EMB_USER_IDS, EMB_USER_FACTORS = "B4:B18", "C4:G18"
+EMB_MOVIE_IDS, EMB_MOVIE_FACTORS = "B22:B36", "C22:G36"
+EMB_FIRST_ROW = 3
+EMB_LOSS = "AA3"
+EMB_USER_COLS, EMB_MOVIE_COLS = "MNOPQ", "STUVW"
+
+
+def build_embeddings(ws, block, titles, factors):
+    """Sheet ``movielens_emb``: the dot-product model as MATCH/INDEX look-ups, one row a rating.
+
+    Exact-match ``MATCH(id, ids, 0)`` finds the row and ``INDEX`` fetches each factor: unlike
+    the original's ``OFFSET`` with approximate ``MATCH``, this works with unsorted ids and in
+    every spreadsheet engine.
+    """
+    write_row(ws, "B3", ["userId"] + FACTOR_LABELS)
+    write_column(ws, "B4", block.user_ids)
+    write_block(ws, "C4", factors.user_factors)
+    write_row(ws, "A21", ["title", "movieId"] + FACTOR_LABELS)
+    write_column(ws, "A22", [titles.get(int(m), "") for m in block.movie_ids])
+    write_column(ws, "B22", block.movie_ids)
+    write_block(ws, "C22", factors.movie_factors)
+
+    write_row(ws, "I2", ["userId", "movieId", "rating", "user idx"]
+              + [f"user f{k}" for k in range(1, N_FACTORS + 1)] + ["movie idx"]
+              + [f"movie f{k}" for k in range(1, N_FACTORS + 1)]
+              + ["prediction", "squared error", "", "RMSE"])
+    rows = block.long_form()
+    last_row = EMB_FIRST_ROW + len(rows) - 1
+    for offset, (user_id, movie_id, rating) in enumerate(rows):
+        row = EMB_FIRST_ROW + offset
+        write_number(ws, f"I{row}", user_id)
+        write_number(ws, f"J{row}", movie_id)
+        write_number(ws, f"K{row}", int(rating) if float(rating).is_integer() else rating)
+        write_formula(ws, f"L{row}", f"=MATCH(I{row},{absolute(EMB_USER_IDS)},0)")
+        for k, col in enumerate(EMB_USER_COLS, start=1):
+            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(EMB_USER_FACTORS)},$L{row},{k})")
+        write_formula(ws, f"R{row}", f"=MATCH(J{row},{absolute(EMB_MOVIE_IDS)},0)")
+        for k, col in enumerate(EMB_MOVIE_COLS, start=1):
+            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(EMB_MOVIE_FACTORS)},$R{row},{k})")
+        write_formula(ws, f"X{row}", f"=SUMPRODUCT(M{row}:Q{row},S{row}:W{row})")
+        write_formula(ws, f"Y{row}", f"=(X{row}-K{row})^2")
+
+    write_formula(ws, EMB_LOSS, f"=SQRT(AVERAGE(Y{EMB_FIRST_ROW}:Y{last_row}))")
+    attach_solver(ws, SolverModel(EMB_LOSS, (EMB_USER_FACTORS, EMB_MOVIE_FACTORS)))
+
+
+def reference_embeddings(ws):
+    """Expected look-ups, predictions and RMSE of a ``movielens_emb`` sheet."""
+    user_ids = numbers(ws, EMB_USER_IDS)[:, 0]
+    movie_ids = numbers(ws, EMB_MOVIE_IDS)[:, 0]
+    user_factors = numbers(ws, EMB_USER_FACTORS)
+    movie_factors = numbers(ws, EMB_MOVIE_FACTORS)
+    n_rows = len(column_values(ws, f"I{EMB_FIRST_ROW}"))
+    last_row = EMB_FIRST_ROW + n_rows - 1
+    long_form = numbers(ws, f"I{EMB_FIRST_ROW}:K{last_row}")
+
+    user_pos = _positions(ws, "I", long_form[:, 0], user_ids)
+    movie_pos = _positions(ws, "J", long_form[:, 1], movie_ids)
+    user_rows = collab.embedding_lookup(user_pos, user_factors)
+    movie_rows = collab.embedding_lookup(movie_pos, movie_factors)
+    predictions = (user_rows * movie_rows).sum(axis=1)
+    squared_errors = (predictions - long_form[:, 2]) ** 2
+
+    expected = {}
+    for i in range(n_rows):
+        row = EMB_FIRST_ROW + i
+        expected[f"L{row}"] = float(user_pos[i])
+        expected[f"R{row}"] = float(movie_pos[i])
+        for k in range(N_FACTORS):
+            expected[f"{EMB_USER_COLS[k]}{row}"] = user_rows[i, k]
+            expected[f"{EMB_MOVIE_COLS[k]}{row}"] = movie_rows[i, k]
+        expected[f"X{row}"] = predictions[i]
+        expected[f"Y{row}"] = squared_errors[i]
+    expected[EMB_LOSS] = float(np.sqrt(squared_errors.mean()))
+    return expected
+
+
+# word_emb: a vocabulary from "Green Eggs and Ham", each word with a 5-number embedding.
+VOCABULARY = ("i", "am", "sam", "do", "not", "like", "them", "here", "or", "there",
+              "green", "eggs", "and", "ham")
+TEXT = "i am sam i do not like green eggs and ham i do not like them here or there"
+WORD_IDS, WORD_VECTORS = "A2:A15", "B2:F15"
+WORD_COLS = "JKLMN"
+
+
+def build_words(ws, word_vectors):
+    """Sheet ``word_emb``: a text column whose words are looked up into their embeddings."""
+    write_row(ws, "A1", ["word"] + [f"dim {k}" for k in range(1, N_FACTORS + 1)])
+    write_column(ws, "A2", VOCABULARY)
+    write_block(ws, "B2", word_vectors)
+    write_row(ws, "H1", ["text", "position"] + [f"dim {k}" for k in range(1, N_FACTORS + 1)])
+
+    for offset, word in enumerate(TEXT.split()):
+        row = 2 + offset
+        write_text(ws, f"H{row}", word)
+        write_formula(ws, f"I{row}", f"=MATCH(H{row},{absolute(WORD_IDS)},0)")
+        for k, col in enumerate(WORD_COLS, start=1):
+            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(WORD_VECTORS)},$I{row},{k})")
+
+
+def reference_words(ws):
+    """Expected positions and embedding rows of a ``word_emb`` sheet."""
+    vocabulary = [str(word).lower() for word in column_values(ws, "A2")]
+    vectors = numbers(ws, block_address("B2", len(vocabulary), N_FACTORS))
+    words = [str(word).lower() for word in column_values(ws, "H2")]
+
+    word_pos = _positions(ws, "H", words, vocabulary, first_row=2)
+    rows = collab.embedding_lookup(word_pos, vectors)
+    expected = {}
+    for i in range(len(words)):
+        expected[f"I{2 + i}"] = float(word_pos[i])
+        for k in range(N_FACTORS):
+            expected[f"{WORD_COLS[k]}{2 + i}"] = rows[i, k]
+    return expected
+
+
+REFERENCES = {
+    "dotprod": lambda wb: reference_grid(wb["dotprod"], DOTPROD),
+    "movielens_emb": lambda wb: reference_embeddings(wb["movielens_emb"]),
+    "bias": lambda wb: reference_grid(wb["bias"], BIAS),
+    "word_emb": lambda wb: reference_words(wb["word_emb"]),
+}
+
+
+def build_collab_workbook(wb, block, titles, seed):
+    """Fill ``wb`` with the four sheets; the same seed gives the same starting factors."""
+    if block.ratings.shape != (N_USERS, N_MOVIES):
+        raise InputError(
+            f"the sheets hold {N_USERS} users x {N_MOVIES} movies, got a block of "
+            f"{block.ratings.shape[0]} x {block.ratings.shape[1]}"
+        )
+    factors = collab.LatentFactors.random(N_USERS, N_MOVIES, N_FACTORS, seed=seed)
+    word_vectors = np.random.default_rng(seed + 1).random((len(VOCABULARY), N_FACTORS))
+
+    build_grid(wb.create_sheet("dotprod"), DOTPROD, block, titles, factors)
+    build_embeddings(wb.create_sheet("movielens_emb"), block, titles, factors)
+    build_grid(wb.create_sheet("bias"), BIAS, block, titles, factors)
+    build_words(wb.create_sheet("word_emb"), word_vectors)
+
+
+def _positions(ws, column, ids, vocabulary, first_row=EMB_FIRST_ROW):
+    try:
+        return collab.positions(list(ids), list(vocabulary))
+    except KeyError as exc:
+        row = first_row + list(ids).index(exc.args[0])
+        raise InputError(
+            f"{ws.title}!{column}{row} holds {exc.args[0]!r}, which is not in the look-up table"
+        ) from None
+
