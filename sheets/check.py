@@ -29,6 +29,7 @@ class Comparison:
     worst_cell: str
     worst_got: object
     worst_expected: object
+    failing_cells: list  # every cell over the tolerance, in sheet order
 
     @property
     def ok(self):
@@ -109,6 +110,9 @@ def format_report(report):
         worst = c.worst_cell
         if not c.ok:
             worst += f" (got {c.worst_got!r}, expected {c.worst_expected!r})"
+            shown = ", ".join(c.failing_cells[:8])
+            more = f" and {len(c.failing_cells) - 8} more" if len(c.failing_cells) > 8 else ""
+            worst += f"; {len(c.failing_cells)} cells differ: {shown}{more}"
         lines.append(
             f"  {c.sheet:<22}{c.source:<13}{c.against:<8}{c.cells:>6}  {c.max_abs_diff:>11.3g}"
             f"  {worst}{'' if c.ok else '  FAIL'}"
@@ -133,15 +137,22 @@ def report_dict(report):
 
 
 def _compare(sheet, source, against, got, expected):
-    worst_cell, worst_diff = "", 0.0
-    for address, want in expected.items():
-        diff = difference(got.get(address), want)
+    worst_cell, worst_diff, failing = "", 0.0, []
+    for address in sorted(expected, key=_sheet_order):
+        diff = difference(got.get(address), expected[address])
         if diff > worst_diff or not worst_cell:
             worst_cell, worst_diff = address, diff
+        if diff > TOLERANCE:
+            failing.append(address)
     return Comparison(
         sheet, source, against, len(expected), worst_diff, worst_cell,
-        _json_safe(got.get(worst_cell)), _json_safe(expected.get(worst_cell)),
+        _json_safe(got.get(worst_cell)), _json_safe(expected.get(worst_cell)), failing,
     )
+
+
+def _sheet_order(address):
+    letters = address.rstrip("0123456789")
+    return int(address[len(letters):]), len(letters), letters
 
 
 def _is_number(value):

@@ -80,10 +80,7 @@ def make_parser():
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s",
-        stream=sys.stderr,
-    )
+    _report_to_stderr(quiet=args.quiet)
     try:
         return args.run(args)
     except InputError as exc:
@@ -92,6 +89,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("xlmirror: interrupted", file=sys.stderr)
         return 130
+
+
+def _report_to_stderr(quiet):
+    # progress goes to stderr so stdout stays the report (and valid JSON with --json)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.propagate = False
 
 
 if __name__ == "__main__":

@@ -51,11 +51,26 @@ def validate_package(path):
     missing = [part for part in REQUIRED_PARTS if part not in names]
     if missing:
         raise InputError(f"{path} is not an .xlsx workbook (no {', '.join(missing)} inside)")
+    if unpacked <= MAX_UNPACKED_BYTES:
+        _refuse_dtds(path)
     if unpacked > MAX_UNPACKED_BYTES:
         raise InputError(
             f"{path} unpacks to {unpacked / 2**20:.0f} MiB, over the {MAX_UNPACKED_BYTES // 2**20}"
             " MiB xlmirror reads; is it really one of the lecture's workbooks?"
         )
+
+
+def _refuse_dtds(path):
+    # no part of an Office Open XML package has a DTD; one that does is an entity trick
+    with zipfile.ZipFile(path) as package:
+        for name in package.namelist():
+            if name.endswith((".xml", ".rels", ".vml")):
+                with package.open(name) as part:
+                    if b"<!DOCTYPE" in part.read(4096).upper():
+                        raise InputError(
+                            f"{path} part {name} declares a DTD (<!DOCTYPE>), which no Excel "
+                            "file has; refusing to read it"
+                        )
 
 
 def open_workbook(path, data_only=False):
@@ -67,8 +82,9 @@ def open_workbook(path, data_only=False):
     try:
         return openpyxl.load_workbook(path, data_only=data_only)
     except Exception as exc:  # openpyxl raises many types for malformed parts
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise InputError(
-            f"{path} could not be read as a workbook ({exc.__class__.__name__}: {exc})"
+            f"{path} could not be read as a workbook ({exc.__class__.__name__}: {reason})"
         ) from None
 
 

@@ -7,7 +7,9 @@ and reading them tells ``fit`` which cell to minimise and which cells it may cha
 
 from dataclasses import dataclass
 
-from openpyxl.utils.cell import quote_sheetname, range_boundaries
+import re
+
+from openpyxl.utils.cell import range_boundaries
 from openpyxl.workbook.defined_name import DefinedName
 
 from sheets.cells import absolute
@@ -65,7 +67,7 @@ class SolverModel:
 
 def attach_solver(ws, model):
     """Store ``model`` on ``ws`` as Excel's hidden sheet-local ``solver_*`` names."""
-    sheet = quote_sheetname(ws.title)
+    sheet = sheet_prefix(ws.title)
     names = {
         "solver_opt": f"{sheet}!{absolute(model.objective)}",
         "solver_adj": ",".join(f"{sheet}!{absolute(ref)}" for ref in model.variables),
@@ -83,6 +85,15 @@ def read_solver(ws):
     objective = _strip_sheet(names["solver_opt"].attr_text)
     variables = tuple(_strip_sheet(ref) for ref in names["solver_adj"].attr_text.split(","))
     return SolverModel(objective, variables)
+
+
+def sheet_prefix(title):
+    """A sheet name as a formula refers to it: quoted only when Excel would quote it."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", title) and not re.fullmatch(
+        r"[A-Za-z]{1,3}[0-9]+|[RrCc][0-9]*", title
+    ):
+        return title
+    return "'" + title.replace("'", "''") + "'"
 
 
 def _strip_sheet(ref):
