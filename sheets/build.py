@@ -7,7 +7,7 @@ import openpyxl
 
 from engine import movielens
 from engine.errors import InputError
-from sheets.collab_book import build_collab_workbook
+from sheets.collab_book import N_MOVIES, N_USERS, build_collab_workbook
 from sheets.entropy_book import build_entropy_workbook
 from sheets.references import reference_values
 from sheets.solver import EXCEL_SOLVER_VARIABLE_LIMIT, read_solver
@@ -38,28 +38,35 @@ def entropy_workbook():
     return wb
 
 
-def collab_workbook(ratings_folder, seed=42):
+def collab_workbook(ratings_folder, seed=42, n_users=N_USERS, n_movies=N_MOVIES):
     """The ``collab_filter`` workbook from the ratings in ``ratings_folder``."""
     ratings = movielens.load_ratings(ratings_folder)
     titles = movielens.load_titles(ratings_folder)
-    block = movielens.densest_block(ratings)
+    block = movielens.densest_block(ratings, n_users, n_movies)
 
     wb = _empty_workbook()
     build_collab_workbook(wb, block, titles, seed)
     return wb
 
 
-def build(out_dir="workbooks", ratings_dir=None, seed=42, force=False, download=True):
+def build(out_dir="workbooks", ratings_dir=None, seed=42, force=False, download=True,
+          n_users=N_USERS, n_movies=N_MOVIES):
     """Write both workbooks into ``out_dir``; returns their paths.
 
-    A workbook that was edited after xlmirror wrote it is not overwritten unless ``force``.
+    ``n_users`` x ``n_movies`` sizes the ratings block (the lecture's is 15 x 15). A workbook
+    that was edited after xlmirror wrote it is not overwritten unless ``force``.
     """
+    if min(n_users, n_movies) < 1:
+        raise InputError(f"--users and --movies must be at least 1, got {n_users}, {n_movies}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file, not a folder; choose a folder")
     folder = locate_ratings(ratings_dir, download)
 
-    books = {ENTROPY_FILE: entropy_workbook(), COLLAB_FILE: collab_workbook(folder, seed)}
+    books = {
+        ENTROPY_FILE: entropy_workbook(),
+        COLLAB_FILE: collab_workbook(folder, seed, n_users, n_movies),
+    }
     contents = {}
     for name, wb in books.items():
         _warn_on_large_solver_models(name, wb)

@@ -129,13 +129,16 @@ def _number_at(ws, col, row, blank_ok):
     )
 
 
-def column_values(ws, first_address):
-    """Values down a column from ``first_address`` until the first blank cell."""
+def column_values(ws, first_address, across=False):
+    """Values down a column (or ``across`` a row) from ``first_address`` to the first blank."""
     col, row = split_address(first_address)
     values = []
     while ws.cell(row=row, column=col).value is not None:
         values.append(ws.cell(row=row, column=col).value)
-        row += 1
+        if across:
+            col += 1
+        else:
+            row += 1
     return values
 
 

@@ -17,7 +17,7 @@ def build_command(args):
     from sheets.build import build
 
     build(args.out, args.ratings, seed=args.seed, force=args.force,
-          download=not args.no_download)
+          download=not args.no_download, n_users=args.users, n_movies=args.movies)
     return 0
 
 
@@ -60,6 +60,10 @@ def make_parser():
                        help="where to write the workbooks (default: workbooks)")
     build.add_argument("--seed", type=int, default=42,
                        help="seed for the starting factors (default: 42)")
+    build.add_argument("--users", type=int, default=15,
+                       help="most active users in the ratings block (default: 15)")
+    build.add_argument("--movies", type=int, default=15,
+                       help="most rated movies in the ratings block (default: 15)")
     build.add_argument("--force", action="store_true",
                        help="overwrite workbooks that were edited since xlmirror wrote them")
     build.add_argument("--no-download", action="store_true",

@@ -12,58 +12,82 @@ import numpy as np
 from engine import collab
 from engine.errors import InputError
 from sheets.cells import (
-    absolute, block_address, cells_of, column_letter, column_values, numbers, write_block,
-    write_column, write_formula, write_number, write_row, write_text,
+    absolute, block_address, cell_address, cells_of, column_letter, column_values, numbers,
+    split_address, write_block, write_column, write_formula, write_number, write_row, write_text,
 )
 from sheets.solver import SolverModel, attach_solver
 
-N_USERS = N_MOVIES = 15
+N_USERS = N_MOVIES = 15  # the lecture's block; build --users/--movies change it
 N_FACTORS = 5
 FACTOR_LABELS = [f"factor {k}" for k in range(1, N_FACTORS + 1)]
+FIRST_MOVIE_COL = 8  # H
 
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Where ``dotprod`` and ``bias`` keep each block: ratings H2:V16, ids in row 1 and G2:G16.
+    """Where ``dotprod`` and ``bias`` keep each block.
 
-    ``bias`` is ``dotprod`` with a movie-bias row (19) inserted above the movie factors and a
-    user-bias column (A) beside the user factors, so every later block sits one row lower.
+    For the lecture's 15 x 15 block: movie ids H1:V1, user ids G2:G16, ratings H2:V16, movie
+    factors H19:V23, user factors B25:F39, predictions H25:V39, RMSE V41. ``bias`` inserts a
+    movie-bias row (19) above the movie factors and a user-bias column (A) beside the user
+    factors, so every later block sits one row lower. Larger blocks move the lower blocks down.
     """
 
     with_bias: bool
+    n_users: int = N_USERS
+    n_movies: int = N_MOVIES
 
-    ratings = "H2:V16"
-    movie_ids = "H1:V1"
-    user_ids = "G2:G16"
-    movie_bias = "H19:V19"
+    @classmethod
+    def of(cls, ws, with_bias):
+        """The layout of an existing sheet, sized by its id row and id column."""
+        n_movies = len(column_values(ws, "H1", across=True))
+        n_users = len(column_values(ws, "G2"))
+        if n_users == 0 or n_movies == 0:
+            raise InputError(
+                f"{ws.title}: no movie ids from H1 rightwards or no user ids from G2 down; "
+                "the sheet does not have the dotprod/bias layout"
+            )
+        return cls(with_bias, n_users, n_movies)
+
+    @property
+    def ratings(self):
+        return block_address("H2", self.n_users, self.n_movies)
+
+    @property
+    def title_row(self):
+        return self.n_users + 3
+
+    @property
+    def movie_bias(self):
+        return block_address(f"H{self.title_row + 1}", 1, self.n_movies)
 
     @property
     def movie_factor_row(self):
-        return 20 if self.with_bias else 19
+        return self.title_row + (2 if self.with_bias else 1)
 
     @property
     def user_row(self):
-        return 26 if self.with_bias else 25
+        return self.movie_factor_row + N_FACTORS + 1
 
     @property
     def movie_factors(self):
-        return block_address(f"H{self.movie_factor_row}", N_FACTORS, N_MOVIES)
+        return block_address(f"H{self.movie_factor_row}", N_FACTORS, self.n_movies)
 
     @property
     def user_factors(self):
-        return block_address(f"B{self.user_row}", N_USERS, N_FACTORS)
+        return block_address(f"B{self.user_row}", self.n_users, N_FACTORS)
 
     @property
     def user_bias(self):
-        return block_address(f"A{self.user_row}", N_USERS, 1)
+        return block_address(f"A{self.user_row}", self.n_users, 1)
 
     @property
     def predictions(self):
-        return block_address(f"H{self.user_row}", N_USERS, N_MOVIES)
+        return block_address(f"H{self.user_row}", self.n_users, self.n_movies)
 
     @property
     def loss(self):
-        return f"V{self.user_row + N_USERS + 1}"
+        return cell_address(FIRST_MOVIE_COL + self.n_movies - 1, self.user_row + self.n_users + 1)
 
     @property
     def solver(self):
@@ -73,10 +97,6 @@ class GridLayout:
         return SolverModel(self.loss, variables)
 
 
-DOTPROD = GridLayout(with_bias=False)
-BIAS = GridLayout(with_bias=True)
-
-
 def build_grid(ws, layout, block, titles, factors):
     """Sheet ``dotprod`` or ``bias``: ratings, factors, prediction formulas, RMSE, Solver."""
     write_text(ws, "G1", "user \\ movie")
@@ -84,8 +104,8 @@ def build_grid(ws, layout, block, titles, factors):
     write_column(ws, "G2", block.user_ids)
     write_block(ws, "H2", block.ratings)
 
-    write_text(ws, "G18", "title")
-    write_row(ws, "H18", [titles.get(int(m), "") for m in block.movie_ids])
+    write_text(ws, f"G{layout.title_row}", "title")
+    write_row(ws, f"H{layout.title_row}", [titles.get(int(m), "") for m in block.movie_ids])
     write_column(ws, f"G{layout.movie_factor_row}", FACTOR_LABELS)
     write_block(ws, f"H{layout.movie_factor_row}", factors.movie_factors.T)
     write_row(ws, f"B{layout.user_row - 1}", FACTOR_LABELS)
@@ -93,22 +113,25 @@ def build_grid(ws, layout, block, titles, factors):
     write_row(ws, f"H{layout.user_row - 1}", block.movie_ids)
     write_column(ws, f"G{layout.user_row}", block.user_ids)
     if layout.with_bias:
-        write_text(ws, "G19", "movie bias")
-        write_row(ws, "H19", factors.movie_bias)
+        write_text(ws, f"G{layout.title_row + 1}", "movie bias")
+        write_row(ws, layout.movie_bias.split(":")[0], factors.movie_bias)
         write_text(ws, f"A{layout.user_row - 1}", "user bias")
         write_column(ws, f"A{layout.user_row}", factors.user_bias)
 
-    first_factor, last_factor = layout.movie_factor_row, layout.movie_factor_row + N_FACTORS - 1
-    for i in range(N_USERS):
+    first_factor = layout.movie_factor_row
+    last_factor = first_factor + N_FACTORS - 1
+    bias_row = layout.title_row + 1
+    for i in range(layout.n_users):
         row = layout.user_row + i
-        for j in range(N_MOVIES):
-            col = column_letter(8 + j)
+        for j in range(layout.n_movies):
+            col = column_letter(FIRST_MOVIE_COL + j)
             product = f"MMULT($B{row}:$F{row},{col}${first_factor}:{col}${last_factor})"
             if layout.with_bias:
-                product += f"+{col}$19+$A{row}"
+                product += f"+{col}${bias_row}+$A{row}"
             write_formula(ws, f"{col}{row}", f'=IF({col}{2 + i}="",0,{product})')
 
-    write_text(ws, f"U{layout.user_row + N_USERS + 1}", "RMSE")
+    loss_col, loss_row = split_address(layout.loss)
+    write_text(ws, cell_address(loss_col - 1, loss_row), "RMSE")
     write_formula(
         ws, layout.loss,
         f"=SQRT(SUMXMY2({layout.ratings},{layout.predictions})/COUNT({layout.ratings}))",
@@ -116,8 +139,9 @@ def build_grid(ws, layout, block, titles, factors):
     attach_solver(ws, layout.solver)
 
 
-def reference_grid(ws, layout):
+def reference_grid(ws, with_bias):
     """Expected predictions and RMSE of a ``dotprod`` or ``bias`` sheet, from its inputs."""
+    layout = GridLayout.of(ws, with_bias)
     ratings = numbers(ws, layout.ratings, blank_ok=True)
     movie_factors = numbers(ws, layout.movie_factors).T
     user_factors = numbers(ws, layout.user_factors)
@@ -132,15 +156,60 @@ def reference_grid(ws, layout):
     return expected
 
 
-# movielens_emb: factor tables on the left, ratings in long form from I3 down.
-EMB_USER_IDS, EMB_USER_FACTORS = "B4:B18", "C4:G18"
-EMB_MOVIE_IDS, EMB_MOVIE_FACTORS = "B22:B36", "C22:G36"
-EMB_FIRST_ROW = 3
+EMB_FIRST_ROW = 3  # movielens_emb: ratings in long form from I3 down
 EMB_LOSS = "AA3"
 EMB_USER_COLS, EMB_MOVIE_COLS = "MNOPQ", "STUVW"
 
 
-def build_embeddings(ws, block, titles, factors):
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """Where ``movielens_emb`` keeps its factor tables: users from B4, movies below them.
+
+    For 15 users and 15 movies: user ids B4:B18 and factors C4:G18, movie ids B22:B36 and
+    factors C22:G36, ratings in long form from I3, RMSE in AA3.
+    """
+
+    n_users: int = N_USERS
+    n_movies: int = N_MOVIES
+
+    @classmethod
+    def of(cls, ws):
+        """The layout of an existing sheet, sized by its two id columns."""
+        n_users = len(column_values(ws, "B4"))
+        n_movies = len(column_values(ws, f"B{cls(n_users, 0).movie_row}"))
+        if n_users == 0 or n_movies == 0:
+            raise InputError(
+                f"{ws.title}: no user ids from B4 down or no movie ids below them; "
+                "the sheet does not have the movielens_emb layout"
+            )
+        return cls(n_users, n_movies)
+
+    @property
+    def user_ids(self):
+        return block_address("B4", self.n_users, 1)
+
+    @property
+    def user_factors(self):
+        return block_address("C4", self.n_users, N_FACTORS)
+
+    @property
+    def movie_row(self):
+        return 4 + self.n_users + 3
+
+    @property
+    def movie_ids(self):
+        return block_address(f"B{self.movie_row}", self.n_movies, 1)
+
+    @property
+    def movie_factors(self):
+        return block_address(f"C{self.movie_row}", self.n_movies, N_FACTORS)
+
+    @property
+    def solver(self):
+        return SolverModel(EMB_LOSS, (self.user_factors, self.movie_factors))
+
+
+def build_embeddings(ws, layout, block, titles, factors):
     """Sheet ``movielens_emb``: the dot-product model as MATCH/INDEX look-ups, one row a rating.
 
     Exact-match ``MATCH(id, ids, 0)`` finds the row and ``INDEX`` fetches each factor: unlike
@@ -150,10 +219,11 @@ def build_embeddings(ws, block, titles, factors):
     write_row(ws, "B3", ["userId"] + FACTOR_LABELS)
     write_column(ws, "B4", block.user_ids)
     write_block(ws, "C4", factors.user_factors)
-    write_row(ws, "A21", ["title", "movieId"] + FACTOR_LABELS)
-    write_column(ws, "A22", [titles.get(int(m), "") for m in block.movie_ids])
-    write_column(ws, "B22", block.movie_ids)
-    write_block(ws, "C22", factors.movie_factors)
+    header = layout.movie_row - 1
+    write_row(ws, f"A{header}", ["title", "movieId"] + FACTOR_LABELS)
+    write_column(ws, f"A{layout.movie_row}", [titles.get(int(m), "") for m in block.movie_ids])
+    write_column(ws, f"B{layout.movie_row}", block.movie_ids)
+    write_block(ws, f"C{layout.movie_row}", factors.movie_factors)
 
     write_row(ws, "I2", ["userId", "movieId", "rating", "user idx"]
               + [f"user f{k}" for k in range(1, N_FACTORS + 1)] + ["movie idx"]
@@ -166,25 +236,26 @@ def build_embeddings(ws, block, titles, factors):
         write_number(ws, f"I{row}", user_id)
         write_number(ws, f"J{row}", movie_id)
         write_number(ws, f"K{row}", int(rating) if float(rating).is_integer() else rating)
-        write_formula(ws, f"L{row}", f"=MATCH(I{row},{absolute(EMB_USER_IDS)},0)")
+        write_formula(ws, f"L{row}", f"=MATCH(I{row},{absolute(layout.user_ids)},0)")
         for k, col in enumerate(EMB_USER_COLS, start=1):
-            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(EMB_USER_FACTORS)},$L{row},{k})")
-        write_formula(ws, f"R{row}", f"=MATCH(J{row},{absolute(EMB_MOVIE_IDS)},0)")
+            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(layout.user_factors)},$L{row},{k})")
+        write_formula(ws, f"R{row}", f"=MATCH(J{row},{absolute(layout.movie_ids)},0)")
         for k, col in enumerate(EMB_MOVIE_COLS, start=1):
-            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(EMB_MOVIE_FACTORS)},$R{row},{k})")
+            write_formula(ws, f"{col}{row}", f"=INDEX({absolute(layout.movie_factors)},$R{row},{k})")
         write_formula(ws, f"X{row}", f"=SUMPRODUCT(M{row}:Q{row},S{row}:W{row})")
         write_formula(ws, f"Y{row}", f"=(X{row}-K{row})^2")
 
     write_formula(ws, EMB_LOSS, f"=SQRT(AVERAGE(Y{EMB_FIRST_ROW}:Y{last_row}))")
-    attach_solver(ws, SolverModel(EMB_LOSS, (EMB_USER_FACTORS, EMB_MOVIE_FACTORS)))
+    attach_solver(ws, layout.solver)
 
 
 def reference_embeddings(ws):
     """Expected look-ups, predictions and RMSE of a ``movielens_emb`` sheet."""
-    user_ids = numbers(ws, EMB_USER_IDS)[:, 0]
-    movie_ids = numbers(ws, EMB_MOVIE_IDS)[:, 0]
-    user_factors = numbers(ws, EMB_USER_FACTORS)
-    movie_factors = numbers(ws, EMB_MOVIE_FACTORS)
+    layout = EmbeddingLayout.of(ws)
+    user_ids = numbers(ws, layout.user_ids)[:, 0]
+    movie_ids = numbers(ws, layout.movie_ids)[:, 0]
+    user_factors = numbers(ws, layout.user_factors)
+    movie_factors = numbers(ws, layout.movie_factors)
     n_rows = len(column_values(ws, f"I{EMB_FIRST_ROW}"))
     last_row = EMB_FIRST_ROW + n_rows - 1
     long_form = numbers(ws, f"I{EMB_FIRST_ROW}:K{last_row}")
@@ -250,26 +321,25 @@ def reference_words(ws):
 
 
 REFERENCES = {
-    "dotprod": lambda wb: reference_grid(wb["dotprod"], DOTPROD),
+    "dotprod": lambda wb: reference_grid(wb["dotprod"], with_bias=False),
     "movielens_emb": lambda wb: reference_embeddings(wb["movielens_emb"]),
-    "bias": lambda wb: reference_grid(wb["bias"], BIAS),
+    "bias": lambda wb: reference_grid(wb["bias"], with_bias=True),
     "word_emb": lambda wb: reference_words(wb["word_emb"]),
 }
 
 
 def build_collab_workbook(wb, block, titles, seed):
     """Fill ``wb`` with the four sheets; the same seed gives the same starting factors."""
-    if block.ratings.shape != (N_USERS, N_MOVIES):
-        raise InputError(
-            f"the sheets hold {N_USERS} users x {N_MOVIES} movies, got a block of "
-            f"{block.ratings.shape[0]} x {block.ratings.shape[1]}"
-        )
-    factors = collab.LatentFactors.random(N_USERS, N_MOVIES, N_FACTORS, seed=seed)
+    n_users, n_movies = block.ratings.shape
+    factors = collab.LatentFactors.random(n_users, n_movies, N_FACTORS, seed=seed)
     word_vectors = np.random.default_rng(seed + 1).random((len(VOCABULARY), N_FACTORS))
 
-    build_grid(wb.create_sheet("dotprod"), DOTPROD, block, titles, factors)
-    build_embeddings(wb.create_sheet("movielens_emb"), block, titles, factors)
-    build_grid(wb.create_sheet("bias"), BIAS, block, titles, factors)
+    build_grid(wb.create_sheet("dotprod"), GridLayout(False, n_users, n_movies), block, titles,
+               factors)
+    build_embeddings(wb.create_sheet("movielens_emb"), EmbeddingLayout(n_users, n_movies),
+                     block, titles, factors)
+    build_grid(wb.create_sheet("bias"), GridLayout(True, n_users, n_movies), block, titles,
+               factors)
     build_words(wb.create_sheet("word_emb"), word_vectors)
 
 

@@ -8,7 +8,6 @@ date, so the same inputs always give the same bytes.
 """
 
 import io
-import math
 import os
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from xml.etree import ElementTree
 from defusedxml import ElementTree as SafeElementTree
 
 from engine.errors import InputError
+from sheets.patch import set_cell_values
 
 CREATOR = "xlmirror"
 BUILD_TIME = datetime(2022, 7, 1)  # the lesson's year; any fixed date keeps builds identical
@@ -49,7 +49,7 @@ def workbook_bytes(wb, cached_values):
         # openpyxl writes numbers with 16 significant digits, which loses the last bit of some
         # doubles; every number is written again with the 17 that round-trip exactly
         exact = {**_numbers_in(wb[title]), **cached_values.get(title, {})}
-        parts[part] = _with_exact_values(parts[part], exact)
+        parts[part] = set_cell_values(parts[part], exact)
     parts["docProps/core.xml"] = _with_fixed_dates(parts["docProps/core.xml"])
 
     out = io.BytesIO()
@@ -121,20 +121,6 @@ def _numbers_in(ws):
     }
 
 
-def _with_exact_values(xml, values):
-    root = _parse_keeping_prefixes(xml)
-    for cell in root.iter(f"{{{MAIN_NS}}}c"):
-        address = cell.get("r")
-        is_formula = cell.find(f"{{{MAIN_NS}}}f") is not None
-        if address not in values or not (is_formula or cell.get("t", "n") == "n"):
-            continue
-        cached = cell.find(f"{{{MAIN_NS}}}v")
-        if cached is None:
-            cached = ElementTree.SubElement(cell, f"{{{MAIN_NS}}}v")
-        cached.text = _number_text(values[address])
-    return ElementTree.tostring(root, encoding="UTF-8", xml_declaration=True)
-
-
 def _with_fixed_dates(xml):
     root = _parse_keeping_prefixes(xml)
     for tag in ("created", "modified"):
@@ -149,15 +135,6 @@ def _parse_keeping_prefixes(xml):
     for _, (prefix, uri) in SafeElementTree.iterparse(io.BytesIO(xml), events=("start-ns",)):
         ElementTree.register_namespace(prefix, uri)
     return SafeElementTree.fromstring(xml)
-
-
-def _number_text(value):
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"cannot cache a non-finite value ({value}) in a number cell")
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
 
 
 def _w3c(moment):
