@@ -131,7 +131,7 @@ def pack(factors, with_bias):
     """The variables as one flat float64 vector, for ``scipy.optimize.minimize``.
 
     Order (each block flattened row by row): movie_factors, user_factors, then, only when
-    ``with_bias``, movie_bias, user_bias. It is the order the sheet lays the blocks out in.
+    ``with_bias``, movie_bias, user_bias. The order is fixed: ``unpack`` relies on it.
 
     Returns
     -------
@@ -148,7 +148,7 @@ def unpack(vector, like, with_bias):
     """The inverse of ``pack``: cut ``vector`` back into blocks shaped like those of ``like``.
 
     When ``with_bias`` is False the vector holds no biases, and ``like``'s biases are copied
-    into the result unchanged.
+    into the result unchanged (None stays None).
 
     Returns
     -------
@@ -167,7 +167,7 @@ def unpack(vector, like, with_bias):
 
     blocks = {}
     start = 0
-    for name, shape, size in zip(names, shapes, sizes):
+    for name, shape, size in zip(names, shapes, sizes, strict=True):
         blocks[name] = vector[start:start + size].reshape(shape).copy()
         start += size
 

@@ -5,6 +5,9 @@ through ``defusedxml`` when it is installed, and xlmirror will not run without i
 refused by a limit on the unpacked size before any XML is parsed.
 """
 
+import io
+import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import openpyxl
 import openpyxl.xml
 
 from engine.errors import InputError
+
+log = logging.getLogger("xlmirror")
 
 MAX_UNPACKED_BYTES = 512 * 2**20
 OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")  # encrypted xlsx and legacy .xls share it
@@ -77,15 +82,62 @@ def open_workbook(path, data_only=False):
     """Load ``path`` with openpyxl after :func:`validate_package`; never modifies the file.
 
     ``data_only=True`` gives the cached results of formula cells instead of the formulas.
+    openpyxl fails on some parts Excel writes (pivot tables, some charts); when it does, the
+    workbook is read again from an in-memory copy without those parts, which hold nothing
+    xlmirror computes with.
     """
     validate_package(path)
     try:
         return openpyxl.load_workbook(path, data_only=data_only)
-    except Exception as exc:  # openpyxl raises many types for malformed parts
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    except Exception as exc:  # openpyxl raises many types for parts it does not understand
+        first_error = exc
+
+    try:
+        wb = openpyxl.load_workbook(without_decorations(path), data_only=data_only)
+    except Exception:
         raise InputError(
-            f"{path} could not be read as a workbook ({exc.__class__.__name__}: {reason})"
+            f"{path} could not be read as a workbook ({_one_line(first_error)})"
         ) from None
+    log.warning("%s: read without its pivot tables, charts and drawings, which openpyxl "
+                "could not parse (%s); the file itself is untouched", path,
+                _one_line(first_error))
+    return wb
+
+
+# parts that only display or summarise cells: safe to leave out when reading values
+DECORATION = re.compile(r"(^|/)xl/(pivotTables|pivotCache|charts|drawings)/")
+
+
+def without_decorations(path):
+    """An in-memory copy of the package without pivot tables, charts and drawings."""
+    copy = io.BytesIO()
+    with zipfile.ZipFile(path) as package, zipfile.ZipFile(copy, "w") as stripped:
+        for name in package.namelist():
+            if DECORATION.search("/" + name):
+                continue
+            data = package.read(name)
+            if name.endswith(".rels"):
+                data = re.sub(
+                    rb"<(\w+:)?Relationship\b[^>]*Target=\"[^\"]*"
+                    rb"(pivotTables|pivotCache|charts|drawings)/[^>]*?/>", b"", data)
+            elif name == "xl/workbook.xml":
+                data = re.sub(rb"<((?:\w+:)?)pivotCaches\b.*?</\1pivotCaches>", b"", data,
+                              flags=re.S)
+            elif name == "[Content_Types].xml":
+                data = re.sub(
+                    rb"<Override\b[^>]*PartName=\"/xl/"
+                    rb"(pivotTables|pivotCache|charts|drawings)/[^>]*?/>", b"", data)
+            elif name.startswith("xl/worksheets/"):
+                data = re.sub(rb"<(\w+:)?(drawing|legacyDrawing)\b[^>]*?/>", b"", data)
+            stripped.writestr(name, data)
+    copy.seek(0)
+    return copy
+
+
+def _one_line(exc):
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else ""
+    return f"{exc.__class__.__name__}: {reason}" if reason else exc.__class__.__name__
 
 
 def formula_cells(wb):

@@ -40,9 +40,13 @@ def formulas_values(path, cells):
     """Recalculate with the ``formulas`` package; ``cells`` is title -> addresses to report."""
     import formulas  # slow to import (schedula, numpy-financial): only when checking
 
+    from sheets.reader import without_decorations
+
     with tempfile.TemporaryDirectory(prefix="xlmirror-formulas-") as work:
         copy = Path(work) / "book.xlsx"
-        shutil.copyfile(path, copy)
+        # formulas loads through openpyxl, which fails on some pivot tables and charts; they
+        # hold no formula this check compares, so the engine reads a copy without them
+        copy.write_bytes(without_decorations(path).getvalue())
         # formulas draws progress bars on stderr; they are noise inside ``check``'s report
         with contextlib.redirect_stderr(io.StringIO()):
             model = formulas.ExcelModel().loads(str(copy)).finish()

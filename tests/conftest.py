@@ -6,9 +6,11 @@ missing dataset or LibreOffice skips the tests that need them; in CI it fails th
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import openpyxl
 import pytest
 
 from engine.movielens import find_ml100k
@@ -104,3 +106,67 @@ def copy_of(path, folder):
     target = Path(folder) / Path(path).name
     shutil.copyfile(path, target)
     return target
+
+
+PIVOT_CACHE = b"""<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
+<pivotCacheDefinition xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+ recordCount="0"><cacheSource type="worksheet"><worksheetSource ref="G1:H16" sheet="dotprod"/>
+</cacheSource><cacheFields count="1"><cacheField name="user" numFmtId="0"><sharedItems/>
+</cacheField></cacheFields></pivotCacheDefinition>"""
+
+# a pivot table whose <location> lacks its ref: Excel shrugs, openpyxl's loader raises
+PIVOT_TABLE = b"""<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
+<pivotTableDefinition xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+ name="PivotTable1" cacheId="7" dataCaption="Values"><location firstHeaderRow="1"
+ firstDataRow="1" firstDataCol="1"/><pivotFields count="1"><pivotField showAll="0"/>
+</pivotFields></pivotTableDefinition>"""
+
+
+def excel_edited_copy(source, target):
+    """A copy of a built workbook as a user might keep it: a notes sheet with an array formula,
+    an ``_xlfn.`` function and a chart, and a pivot table that openpyxl cannot load."""
+    from openpyxl.chart import BarChart, Reference
+    from openpyxl.worksheet.formula import ArrayFormula
+
+    wb = openpyxl.load_workbook(source)
+    notes = wb.create_sheet("notes")
+    notes["A1"] = "spread of the movie factors"
+    notes["A2"] = "=_xlfn.STDEV.S(dotprod!H19:V23)"
+    notes["A3"] = ArrayFormula("A3", "=SUM(dotprod!H19:V19*dotprod!H20:V20)")
+    chart = BarChart()
+    chart.add_data(Reference(wb["dotprod"], min_col=8, max_col=22, min_row=19), from_rows=True)
+    notes.add_chart(chart, "C5")
+    plain = Path(target).with_suffix(".plain.xlsx")
+    wb.save(plain)
+
+    with zipfile.ZipFile(plain) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
+        notes_part = f"xl/worksheets/sheet{len(wb.sheetnames)}.xml"
+        notes_rels = notes_part.replace("worksheets/", "worksheets/_rels/") + ".rels"
+        for name in old.namelist():
+            data = old.read(name)
+            if name == "xl/workbook.xml":
+                data = data.replace(b"</workbook>", b'<pivotCaches><pivotCache cacheId="7" '
+                                    b'r:id="rIdPivot"/></pivotCaches></workbook>')
+            elif name == "xl/_rels/workbook.xml.rels":
+                data = data.replace(b"</Relationships>", b'<Relationship Id="rIdPivot" Type="'
+                                    b'http://schemas.openxmlformats.org/officeDocument/2006/'
+                                    b'relationships/pivotCacheDefinition" Target="pivotCache/'
+                                    b'pivotCacheDefinition1.xml"/></Relationships>')
+            elif name == notes_rels:
+                data = data.replace(b"</Relationships>", b'<Relationship Id="rIdPT" Type="'
+                                    b'http://schemas.openxmlformats.org/officeDocument/2006/'
+                                    b'relationships/pivotTable" Target="../pivotTables/'
+                                    b'pivotTable1.xml"/></Relationships>')
+            elif name == "[Content_Types].xml":
+                data = data.replace(b"</Types>", b'<Override PartName="/xl/pivotCache/'
+                                    b'pivotCacheDefinition1.xml" ContentType="application/'
+                                    b'vnd.openxmlformats-officedocument.spreadsheetml.'
+                                    b'pivotCacheDefinition+xml"/><Override PartName="/xl/'
+                                    b'pivotTables/pivotTable1.xml" ContentType="application/'
+                                    b'vnd.openxmlformats-officedocument.spreadsheetml.'
+                                    b'pivotTable+xml"/></Types>')
+            new.writestr(name, data)
+        new.writestr("xl/pivotCache/pivotCacheDefinition1.xml", PIVOT_CACHE)
+        new.writestr("xl/pivotTables/pivotTable1.xml", PIVOT_TABLE)
+    plain.unlink()
+    return Path(target)

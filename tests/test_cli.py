@@ -12,7 +12,7 @@ import pytest
 from engine import movielens
 from sheets import recalc
 from sheets.build import COLLAB_FILE, ENTROPY_FILE
-from sheets.cli import main
+from cli.main import main
 from tests.conftest import copy_of, write_movielens
 
 

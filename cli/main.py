@@ -1,0 +1,52 @@
+"""``xlmirror``: the parser, logging to stderr, and one line (exit 2) for a user's mistake."""
+
+import argparse
+import logging
+import sys
+
+from cli import workbooks
+from engine.errors import InputError
+
+log = logging.getLogger("xlmirror")
+
+EXIT_USAGE = 2  # a user's mistake, the same code argparse uses for a bad option
+COMMAND_MODULES = (workbooks,)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="xlmirror",
+        description="The fast.ai lesson 7 spreadsheets as generated, verified workbooks.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    _report_to_stderr(quiet=args.quiet)
+    try:
+        return args.run(args)
+    except InputError as exc:
+        print(f"xlmirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("xlmirror: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report_to_stderr(quiet):
+    # progress goes to stderr so stdout stays the report (and valid JSON with --json)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.ERROR if quiet else logging.INFO)
+    log.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
