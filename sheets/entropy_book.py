@@ -157,11 +157,53 @@ def reference_binary_cross_entropy(wb):
     return expected
 
 
+TORCH_SHEETS = ("softmax", "cross_entropy", "binary_cross_entropy")
+
 REFERENCES = {
     "softmax": reference_softmax,
     "cross_entropy": reference_cross_entropy,
     "binary_cross_entropy": reference_binary_cross_entropy,
 }
+
+
+def torch_reference(wb, title, dtype):
+    """Expected values of the cells PyTorch can compute on sheet ``title``, in ``dtype``.
+
+    Softmax columns come from ``F.softmax``; the cross-entropy total from ``F.cross_entropy``
+    and the target's own term from ``nn.CrossEntropyLoss`` (the two are the same number);
+    binary cross-entropy from ``F.binary_cross_entropy`` and ``nn.BCEWithLogitsLoss``.
+    """
+    from engine import torch_entropy
+
+    expected = {}
+    if title == "softmax":
+        ws = wb["softmax"]
+        logits = numbers(ws, "B2:B6")[:, 0]
+        _fill(expected, "D", ROWS, torch_entropy.softmax(logits, dtype))
+        _fill(expected, "I", ROWS, torch_entropy.softmax(logits, dtype))
+        _fill(expected, "E", OVERFLOW_ROWS,
+              torch_entropy.softmax(numbers(ws, "B11:B15")[:, 0], dtype))
+    elif title == "cross_entropy":
+        source = wb["softmax"]
+        actuals = numbers(source, "E2:E6")[:, 0]
+        target = int(np.argmax(actuals))
+        functional, module = torch_entropy.cross_entropy(
+            numbers(source, "B2:B6")[:, 0], target, dtype)
+        expected["D7"] = functional
+        expected[f"D{ROWS[target]}"] = module
+    elif title == "binary_cross_entropy":
+        ws = wb["binary_cross_entropy"]
+        targets = numbers(ws, "B2:B6")[:, 0]
+        rows, mean = torch_entropy.binary_cross_entropy(
+            targets, numbers(ws, "D2:D6")[:, 0], dtype)
+        sigmoid, logit_rows, logit_mean = torch_entropy.bce_with_logits(
+            targets, numbers(ws, "H2:H6")[:, 0], dtype)
+        _fill(expected, "F", ROWS, rows)
+        _fill(expected, "I", ROWS, sigmoid)
+        _fill(expected, "J", ROWS, logit_rows)
+        expected["F7"] = expected["G7"] = mean
+        expected["J7"] = logit_mean
+    return expected
 
 
 def build_entropy_workbook(wb):

@@ -46,8 +46,13 @@ def test_build_then_check_passes_with_both_engines(capsys, ml100k, tmp_path, sof
         sources = {(c["sheet"], c["source"]) for c in report["comparisons"]}
         for sheet in {c["sheet"] for c in report["comparisons"]}:
             assert {(sheet, "cached"), (sheet, "formulas"), (sheet, "libreoffice")} <= sources
-        assert all(c["against"] == "numpy" and c["max_abs_diff"] <= 1e-9
-                   for c in report["comparisons"])
+        assert all(c["max_abs_diff"] <= c["tolerance"] for c in report["comparisons"])
+    against = {(c["sheet"], c["against"]): c["tolerance"] for c in reports[0]["comparisons"]}
+    for sheet in ("softmax", "cross_entropy", "binary_cross_entropy"):
+        assert against[(sheet, "numpy")] == 1e-9
+        assert against[(sheet, "torch float64")] == 1e-12
+        assert against[(sheet, "torch float32")] == 1e-6
+    assert {c["against"] for c in reports[1]["comparisons"]} == {"numpy"}
 
 
 def test_check_names_a_changed_formula(capsys, built, tmp_path, soffice):

@@ -85,6 +85,31 @@ def test_fit_keeps_formulas_live_and_the_input_untouched(fitted, built):
     assert solved["dotprod"]["H2"].value == original["dotprod"]["H2"].value
 
 
+@pytest.mark.parametrize("sheet, with_bias", [("dotprod", False), ("bias", True)])
+@pytest.mark.parametrize("embedding", [True, False])
+def test_torch_modules_predict_what_the_sheet_formulas_compute(recalculated, sheet, with_bias,
+                                                               embedding):
+    import torch
+
+    from engine.torch_collab import from_factors, rated_cells
+    from sheets.fit import read_problem
+
+    book = recalculated[COLLAB_FILE]
+    problem = read_problem(book.wb, sheet)
+    module = from_factors(problem.start, with_bias, embedding=embedding)
+    users, movies, _ = rated_cells(torch.tensor(problem.ratings))
+    predictions = module(users, movies).detach().numpy()
+
+    first_col, first_row = 8, problem.layout.user_row  # predictions start at column H
+    for engine in ("formulas", "libreoffice"):
+        values = book.engines()[engine][sheet]
+        sheet_values = [
+            values[f"{openpyxl.utils.get_column_letter(first_col + int(m))}{first_row + int(u)}"]
+            for u, m in zip(users, movies)
+        ]
+        assert sheet_values == pytest.approx(list(predictions), rel=1e-12, abs=1e-12)
+
+
 def test_plot_is_a_png(fitted):
     data = fitted["plot"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
