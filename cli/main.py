@@ -4,19 +4,21 @@ import argparse
 import logging
 import sys
 
-from cli import workbooks
+from cli import paddy, workbooks
 from engine.errors import InputError
 
 log = logging.getLogger("xlmirror")
 
 EXIT_USAGE = 2  # a user's mistake, the same code argparse uses for a bad option
-COMMAND_MODULES = (workbooks,)
+COMMAND_MODULES = (workbooks, paddy)
 
 
 def make_parser():
     parser = argparse.ArgumentParser(
         prog="xlmirror",
-        description="The fast.ai lesson 7 spreadsheets as generated, verified workbooks.",
+        description="fast.ai lesson 7 as software: the lecture's spreadsheets as verified "
+                    "workbooks, their models fitted by scipy and torch, and the Paddy Doctor "
+                    "image workflow with fastai.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -134,7 +134,9 @@ def register(commands):
     _add_data_options(train)
     train.add_argument("--accum", metavar="N", type=int, default=1,
                        help="micro-batches per optimiser step, a divisor of 64 (default: 1)")
-    train.add_argument("--epochs", metavar="E", type=int, default=12, help="(default: 12)")
+    train.add_argument("--epochs", metavar="E", type=int, default=12,
+                       help="epochs on all layers; a pretrained run first trains its new head "
+                            "for one more (default: 12)")
     train.add_argument("--lr", metavar="LR", type=float, default=0.01,
                        help="peak learning rate (default: 0.01)")
     train.add_argument("--multi-target", action="store_true",
