@@ -41,9 +41,26 @@ def main(argv=None):
         return 130
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message is logged.
+
+    A plain StreamHandler keeps the stream it was given; when ``main`` runs inside another
+    program (a test runner, a notebook) that later swaps or closes stderr, it would write to a
+    closed file.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _report_to_stderr(quiet):
     # progress goes to stderr so stdout stays the report (and valid JSON with --json)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.ERROR if quiet else logging.INFO)

@@ -67,12 +67,14 @@ def test_check_names_a_changed_formula(capsys, built, tmp_path, soffice):
 
     code, out, _ = run(capsys, "check", "--json", edited)
     assert code == 1
-    failing = {(c["sheet"], c["source"]): c["failing_cells"] for c in json.loads(out)[0]["comparisons"]}
+    failing = {(c["sheet"], c["source"], c["against"]): c["failing_cells"]
+               for c in json.loads(out)[0]["comparisons"]}
     for engine in ("formulas", "libreoffice"):
         # D3 itself, and the total and the cross-entropy cells that depend on it
-        assert failing[("softmax", engine)] == ["D3", "D7"]
-        assert failing[("cross_entropy", engine)] == ["B3", "D3", "D7"]
-        assert failing[("binary_cross_entropy", engine)] == []
+        assert failing[("softmax", engine, "numpy")] == ["D3", "D7"]
+        assert failing[("softmax", engine, "torch float64")] == ["D3"]
+        assert failing[("cross_entropy", engine, "numpy")] == ["B3", "D3", "D7"]
+        assert failing[("binary_cross_entropy", engine, "numpy")] == []
 
 
 def test_check_without_libreoffice(capsys, built, monkeypatch):
