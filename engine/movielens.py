@@ -5,7 +5,6 @@ environment variable (a folder holding ``ml-100k/``), then fastai's data folder,
 resort downloaded with fastai's own ``untar_data``.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +26,6 @@ HOW_TO_PROVIDE = (
 )
 
 
-def _ml100k_in(folder):
-    """The ml-100k folder at or directly inside ``folder``, or None."""
-    folder = Path(folder).expanduser()
-    for candidate in (folder, folder / ML_100K):
-        if (candidate / RATINGS_FILE).is_file():
-            return candidate
-    return None
-
-
 def fastai_data_folder():
     """fastai's configured data folder (``~/.fastai/data`` unless configured otherwise)."""
     from fastai.data.external import fastai_path  # imports torch: only when really needed
@@ -46,27 +36,12 @@ def fastai_data_folder():
 def find_ml100k(explicit=None, environ=None, use_fastai=True):
     """Locate MovieLens 100K; returns the folder holding ``u.data``, or None if not found.
 
-    An explicit folder that does not hold the data is an error, not a reason to look elsewhere:
-    the user asked for that folder.
+    Looks in ``explicit`` (named by ``--ratings``), then ``$XLMIRROR_DATA``, then fastai's data
+    folder; see ``engine.releases.find_release``.
     """
-    if explicit is not None:
-        found = _ml100k_in(explicit)
-        if found is None:
-            raise InputError(
-                f"no {RATINGS_FILE} in {explicit} or {Path(explicit) / ML_100K}: "
-                f"point --ratings at the MovieLens 100K folder"
-            )
-        return found
+    from engine.releases import find_release  # releases builds on this module's readers
 
-    environ = os.environ if environ is None else environ
-    if environ.get(DATA_ENV):
-        found = _ml100k_in(environ[DATA_ENV])
-        if found is not None:
-            return found
-
-    if use_fastai:
-        return _ml100k_in(fastai_data_folder())
-    return None
+    return find_release(ML_100K, explicit, environ, use_fastai, option="--ratings")
 
 
 def download_ml100k():

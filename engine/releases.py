@@ -165,7 +165,7 @@ def _release_in(folder, release):
     return None
 
 
-def find_release(name, explicit=None, environ=None, use_fastai=True):
+def find_release(name, explicit=None, environ=None, use_fastai=True, option="--data"):
     """Locate the release ``name``; returns the folder holding its ratings file, or None.
 
     Parameters
@@ -181,6 +181,8 @@ def find_release(name, explicit=None, environ=None, use_fastai=True):
         holds the release's folder.
     use_fastai : bool
         Whether to look in fastai's data folder (``~/.fastai/data`` unless configured) last.
+    option : str
+        The command-line option that supplied ``explicit``, named in the error message.
     """
     release = get_release(name)
     if explicit is not None:
@@ -188,7 +190,7 @@ def find_release(name, explicit=None, environ=None, use_fastai=True):
         if found is None:
             raise InputError(
                 f"no {release.ratings_file} in {explicit} or {Path(explicit) / release.folder}: "
-                f"point at the {release.name} folder"
+                f"point {option} at the {release.name} folder"
             )
         return found
 

@@ -38,20 +38,18 @@ def write_number(ws, address, value):
 
 def write_row(ws, first_address, values):
     """Write values left to right from ``first_address``: numbers as numbers, str as text."""
-    col, row = split_address(first_address)
-    for offset, value in enumerate(values):
-        address = f"{get_column_letter(col + offset)}{row}"
-        if isinstance(value, str):
-            write_text(ws, address, value)
-        else:
-            write_number(ws, address, value)
+    _write_line(ws, first_address, values, across=True)
 
 
 def write_column(ws, first_address, values):
     """Write values top to bottom from ``first_address``: numbers as numbers, str as text."""
+    _write_line(ws, first_address, values, across=False)
+
+
+def _write_line(ws, first_address, values, across):
     col, row = split_address(first_address)
     for offset, value in enumerate(values):
-        address = f"{get_column_letter(col)}{row + offset}"
+        address = cell_address(col + offset, row) if across else cell_address(col, row + offset)
         if isinstance(value, str):
             write_text(ws, address, value)
         else:

@@ -447,7 +447,7 @@ def test_find_release_in_every_place(tmp_path, monkeypatch):
     assert find_release("ml-10m", environ={}) == fastai_data / "ml-10m"
     assert find_release("ml-10m", environ={}, use_fastai=False) is None
     assert find_release("ml-25m", environ={"XLMIRROR_DATA": str(folder.parent)}) is None
-    with pytest.raises(InputError, match=r"no ratings.csv in .*point at the ml-25m folder"):
+    with pytest.raises(InputError, match=r"no ratings.csv in .*point --data at the ml-25m folder"):
         find_release("ml-25m", explicit=folder)
 
 
