@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from engine.errors import InputError
@@ -14,6 +15,8 @@ EXIT_MISMATCH = 1  # check found a cell over the tolerance
 def build_command(args):
     from sheets.build import build
 
+    if args.seed < 0:
+        raise InputError(f"--seed must be 0 or more, got {args.seed}")
     build(args.out, args.ratings, seed=args.seed, force=args.force,
           download=not args.no_download, n_users=args.users, n_movies=args.movies)
     return 0
@@ -39,14 +42,17 @@ def check_command(args):
 
 def fit_command(args):
     from sheets.fit import (
-        check_output, default_output, fit_problem, read_problem, solver_sheets, write_solution,
+        check_output, check_plot_output, default_output, fit_problem, read_problem,
+        solver_sheets, write_solution,
     )
     from sheets.reader import open_workbook
 
-    if args.wd < 0:
-        raise InputError(f"--wd must be 0 or more, got {args.wd}")
+    if not (math.isfinite(args.wd) and args.wd >= 0):
+        raise InputError(f"--wd must be a finite number, 0 or more; got {args.wd}")
     out = Path(args.out) if args.out else default_output(args.workbook)
     check_output(args.workbook, out, args.force)
+    if args.plot:
+        check_plot_output(args.plot, [args.workbook, out], args.force)
     wb = open_workbook(args.workbook)
     titles = [args.sheet] if args.sheet else solver_sheets(wb)
     if not titles:
@@ -142,7 +148,8 @@ def register(commands):
                           "well defined (default: 1e-4; 0 minimises the RMSE alone, as Solver)")
     fit.add_argument("--out", metavar="FILE",
                      help="the solved copy (default: WORKBOOK-solved.xlsx beside it)")
-    fit.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    fit.add_argument("--force", action="store_true",
+                     help="overwrite an existing --out or --plot file")
     fit.add_argument("--plot", metavar="PNG", help="save the RMSE of each iteration as a plot")
     fit.add_argument("--json", action="store_true", help="print the results as JSON")
     fit.set_defaults(run=fit_command)

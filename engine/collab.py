@@ -57,7 +57,9 @@ def positions(ids, vocabulary):
 
     Raises ``KeyError`` naming the first id that is not in the vocabulary.
     """
-    index = {value: pos for pos, value in enumerate(vocabulary, start=1)}
+    index = {}
+    for pos, value in enumerate(vocabulary, start=1):
+        index.setdefault(value, pos)  # MATCH returns the first of duplicate ids
     return np.array([index[value] for value in ids], dtype=np.int64)
 
 

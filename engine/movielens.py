@@ -149,7 +149,8 @@ def densest_block(ratings, n_users=15, n_movies=15):
     if n_found_users < n_users or n_found_movies < n_movies:
         raise InputError(
             f"the ratings hold {n_found_users} users and {n_found_movies} movies; the sheets "
-            f"need at least {n_users} of each: use the full MovieLens 100K u.data"
+            f"need at least {n_users} users and {n_movies} movies: use the full MovieLens 100K "
+            "u.data or smaller --users/--movies"
         )
 
     user_ids = _most_frequent(ratings["user"], n_users)

@@ -199,6 +199,8 @@ def find_release(name, explicit=None, environ=None, use_fastai=True, option="--d
         found = _release_in(environ[DATA_ENV], release)
         if found is not None:
             return found
+        logger.warning("%s=%s holds no %s/ folder; looking further", DATA_ENV,
+                       environ[DATA_ENV], release.folder)
 
     if use_fastai:
         return _release_in(fastai_data_folder(), release)

@@ -113,9 +113,13 @@ def _torch_comparisons(wb, title, cached, recalculated):
 
 
 def difference(got, expected):
-    """Absolute difference of two cell values; inf when one is missing or not a number."""
+    """Difference of two cell values, relative to the expected value's size when that is above
+    1 (LibreOffice stores 15 significant digits, so 1e7 can't agree to an absolute 1e-9);
+    inf when one is missing, not a number, or NaN.
+    """
     if _is_number(got) and _is_number(expected):
-        return abs(float(got) - float(expected))
+        diff = abs(float(got) - float(expected)) / max(1.0, abs(float(expected)))
+        return math.inf if math.isnan(diff) else diff
     if got == expected:
         return 0.0
     return math.inf

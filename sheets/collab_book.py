@@ -258,6 +258,7 @@ def reference_embeddings(ws):
     movie_factors = numbers(ws, layout.movie_factors)
     n_rows = len(column_values(ws, f"I{EMB_FIRST_ROW}"))
     last_row = EMB_FIRST_ROW + n_rows - 1
+    check_no_gap(ws, "I", last_row + 1)
     long_form = numbers(ws, f"I{EMB_FIRST_ROW}:K{last_row}")
 
     user_pos = _positions(ws, "I", long_form[:, 0], user_ids)
@@ -341,6 +342,20 @@ def build_collab_workbook(wb, block, titles, seed):
     build_grid(wb.create_sheet("bias"), GridLayout(True, n_users, n_movies), block, titles,
                factors)
     build_words(wb.create_sheet("word_emb"), word_vectors)
+
+
+def check_no_gap(ws, column, blank_row):
+    """Refuse a table whose column has a blank at ``blank_row`` and values further down.
+
+    The tables are read down to their first blank; rows after a gap would be silently left out
+    of the reference while the sheet's own formulas still see them.
+    """
+    for row in range(blank_row + 1, ws.max_row + 1):
+        if ws[f"{column}{row}"].value is not None:
+            raise InputError(
+                f"{ws.title}!{column}{blank_row} is blank but {column}{row} below it is not; "
+                "remove the empty row so the table is one block"
+            )
 
 
 def _positions(ws, column, ids, vocabulary, first_row=EMB_FIRST_ROW):

@@ -8,6 +8,7 @@ by editing cell values in place, so formulas stay live and nothing else in the f
 
 import io
 import logging
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from engine.collab import LatentFactors
 from engine.errors import InputError
 from sheets.cells import cells_of, numbers
 from sheets.collab_book import (
-    EMB_FIRST_ROW, EmbeddingLayout, GridLayout, reference_embeddings, reference_grid,
+    EMB_FIRST_ROW, EmbeddingLayout, GridLayout, check_no_gap, reference_embeddings,
+    reference_grid,
 )
 from sheets.patch import request_full_recalculation, set_cell_values
 from sheets.reader import open_workbook
@@ -26,8 +28,6 @@ from sheets.solver import read_solver
 from sheets.writer import sheet_parts, write_atomically
 
 log = logging.getLogger("xlmirror")
-
-ENGINE_CHOICES = ("scipy", "torch", "all")
 
 
 @dataclass
@@ -80,6 +80,11 @@ def read_problem(wb, title):
         raise InputError(
             f"sheet {title!r} has no Solver model (no solver_opt/solver_adj names); "
             f"sheets with one: {with_model}"
+        )
+    if not re.fullmatch(r"[A-Z]{1,3}[1-9][0-9]*", model.objective):
+        raise InputError(
+            f"sheet {title!r}: the Solver objective is {model.objective!r}, not a cell (a "
+            "deleted cell reads #REF!); set it again in Data > Solver"
         )
     if ws[model.objective].data_type != "f":
         raise InputError(
@@ -159,9 +164,11 @@ def write_solution(source, out, wb, solutions):
         ws = wb[title]
         for address, value in variables.items():
             ws[address].value = value
-        formulas = problem.reference(ws)
+        # a cell the user emptied or typed a number into keeps what the user put there
+        formulas = {address: value for address, value in problem.reference(ws).items()
+                    if ws[address].data_type == "f"}
         parts[part_of[title]] = set_cell_values(parts[part_of[title]], {**variables, **formulas})
-        cached_rmse[title] = formulas[read_solver(ws).objective]
+        cached_rmse[title] = formulas.get(read_solver(ws).objective)
     parts["xl/workbook.xml"] = request_full_recalculation(parts["xl/workbook.xml"])
 
     buffer = io.BytesIO()
@@ -188,7 +195,24 @@ def check_output(source, out, force):
     if out.exists() and not force:
         raise InputError(f"{out} already exists; choose another --out or pass --force")
     if out.suffix.lower() != ".xlsx":
-        raise InputError(f"--out {out} must end in .xlsx")
+        raise InputError(f"--out {out} must end in .xlsx (openpyxl and Excel's Solver models "
+                         "need an .xlsx workbook)")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def check_plot_output(plot, taken, force):
+    """Refuse a plot path that is one of the workbooks, not a .png, or exists (unless force)."""
+    plot = Path(plot)
+    for path in map(Path, taken):
+        if plot.resolve() == path.resolve():
+            raise InputError(f"--plot {plot} is also a workbook path; choose another .png")
+    if plot.suffix.lower() != ".png":
+        raise InputError(f"--plot {plot} must end in .png")
+    if plot.exists() and not force:
+        raise InputError(f"{plot} already exists; choose another --plot or pass --force")
+    if not plot.parent.is_dir():
+        raise InputError(f"--plot {plot}: folder {plot.parent} does not exist")
 
 
 def _matching_layout(ws, model):
@@ -230,5 +254,6 @@ def _dense_ratings(ws, layout):
             )
         ratings[i, j] = rating
         row += 1
+    check_no_gap(ws, "I", row)
     return ratings
 

@@ -9,6 +9,7 @@ import io
 import logging
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import openpyxl
@@ -49,7 +50,7 @@ def validate_package(path):
             names = set(package.namelist())
             unpacked = sum(entry.file_size for entry in package.infolist())
             broken = package.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path} is a corrupt .xlsx ({exc}); re-save it from Excel") from None
     if broken is not None:
         raise InputError(f"{path} is a corrupt .xlsx (part {broken} fails its checksum)")

@@ -94,7 +94,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "build" in out and "check" in out
+    assert "build" in out and "check" in out and "fit" in out and "paddy" in out
 
 
 # --- bad input: one line, exit 2, nothing written ---------------------------------------------
@@ -162,6 +162,31 @@ def test_ratings_in_the_wrong_format(capsys, tmp_path, content, fragments):
     assert not (tmp_path / "o").exists()
 
 
+def test_negative_seed(capsys, tiny_movielens, tmp_path):
+    code, _, err = run(capsys, "build", "--ratings", tiny_movielens, "--out", tmp_path / "o",
+                       "--seed", -1)
+    assert_user_error(code, err, "--seed")
+
+
+def test_check_scales_its_tolerance_above_one(capsys, built, tmp_path, soffice):
+    edited = copy_of(built[ENTROPY_FILE], tmp_path)
+    wb = openpyxl.load_workbook(edited)
+    wb["softmax"]["B11"] = 1e7  # LibreOffice keeps 15 significant digits of -1e7 - 4.57
+    wb.save(edited)
+    code, out, _ = run(capsys, "check", "--json", edited)
+    comparisons = json.loads(out)[0]["comparisons"]
+    softmax = [c for c in comparisons if c["sheet"] == "softmax" and c["source"] != "cached"]
+    assert softmax and all(c["ok"] for c in softmax)
+
+
+def test_nan_never_passes_a_comparison():
+    from sheets.check import _compare
+
+    result = _compare("s", "formulas", "numpy", {"A1": 1.0, "A2": float("nan")},
+                      {"A1": 1.0, "A2": 1.0})
+    assert not result.ok and result.failing_cells == ["A2"]
+
+
 def test_too_few_users(capsys, tmp_path):
     folder = write_movielens(tmp_path / "ml-100k", n_users=10, n_movies=30)
     code, _, err = run(capsys, "build", "--ratings", folder, "--out", tmp_path / "o")
@@ -220,7 +245,8 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 @pytest.mark.parametrize("make, fragments", [
     (lambda tmp, src: tmp / "missing.xlsx", ["does not exist"]),
     (lambda tmp, src: _write(tmp / "notes.xlsx", b"just text"), ["not an .xlsx"]),
-    (lambda tmp, src: _write(tmp / "cut.xlsx", src.read_bytes()[:3000]), ["xlsx"]),
+    (lambda tmp, src: _write(tmp / "cut.xlsx", src.read_bytes()[:3000]), ["not a zip package"]),
+    (lambda tmp, src: _flip_a_byte(tmp / "flipped.xlsx", src), ["corrupt .xlsx"]),
     (lambda tmp, src: _write(tmp / "locked.xlsx", bytes.fromhex("d0cf11e0a1b11ae1") + b"\0" * 600),
      ["password-protected"]),
     (lambda tmp, src: _xlsx_with_part(tmp, src, "xl/workbook.xml", BILLION_LAUGHS),
@@ -243,6 +269,14 @@ def test_xml_entities_are_never_expanded(built, tmp_path):
     with pytest.raises(ValueError) as error:
         openpyxl.load_workbook(path)
     assert isinstance(error.value.__context__, EntitiesForbidden)
+
+
+def _flip_a_byte(path, source):
+    data = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as package:
+        entry = package.getinfo("xl/worksheets/sheet1.xml")
+    data[entry.header_offset + 30 + len(entry.filename) + 40] ^= 0xFF  # inside the deflate data
+    return _write(path, bytes(data))
 
 
 def _write(path, data):

@@ -54,6 +54,12 @@ def test_binary_cross_entropy_matches_torch(dtype):
     assert_allclose(entropy.binary_cross_entropy(IS_CAT, P_CAT), 0.7628885354, atol=1e-10)
 
 
+def test_positions_follow_match_and_take_the_first_duplicate():
+    from engine.collab import positions
+
+    assert list(positions(["b", "a"], ["a", "b", "a"])) == [2, 1]
+
+
 def test_bce_with_logits_is_finite_where_probabilities_round_to_one():
     logits = np.array([40.0, -40.0])
     targets = np.array([0.0, 1.0])

@@ -177,6 +177,61 @@ def test_bad_models_are_refused_and_nothing_written(capsys, built, tmp_path, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == [COLLAB_FILE]
 
 
+def test_plot_never_overwrites_a_workbook_or_a_file(capsys, built, tmp_path):
+    source = copy_of(built[COLLAB_FILE], tmp_path)
+    before = _digest(source)
+    code, _, err = run(capsys, "fit", source, "--plot", source, "--force")
+    assert_user_error(code, err, "--plot", "workbook")
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"mine")
+    code, _, err = run(capsys, "fit", source, "--plot", notes)
+    assert_user_error(code, err, "already exists")
+    assert _digest(source) == before and notes.read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [COLLAB_FILE, "notes.png"]
+
+
+@pytest.mark.parametrize("wd", ["nan", "inf", "-1"])
+def test_weight_decay_must_be_finite_and_not_negative(capsys, built, tmp_path, wd):
+    source = copy_of(built[COLLAB_FILE], tmp_path)
+    code, _, err = run(capsys, "fit", source, "--wd", wd)
+    assert_user_error(code, err, "--wd")
+
+
+def test_objective_deleted_in_excel_is_a_clear_error(capsys, built, tmp_path):
+    from openpyxl.workbook.defined_name import DefinedName
+
+    source = copy_of(built[COLLAB_FILE], tmp_path)
+    wb = openpyxl.load_workbook(source)
+    wb["dotprod"].defined_names["solver_opt"] = DefinedName(
+        "solver_opt", attr_text="dotprod!#REF!", hidden=True)
+    wb.save(source)
+    code, _, err = run(capsys, "fit", source, "--sheet", "dotprod", "--engine", "scipy")
+    assert_user_error(code, err, "#REF!", "Data > Solver")
+
+
+def test_a_gap_in_the_long_ratings_table_is_refused(capsys, built, tmp_path):
+    source = copy_of(built[COLLAB_FILE], tmp_path)
+    wb = openpyxl.load_workbook(source)
+    for col in "IJK":
+        wb["movielens_emb"][f"{col}50"] = None
+    wb.save(source)
+    code, _, err = run(capsys, "fit", source, "--sheet", "movielens_emb", "--engine", "scipy")
+    assert_user_error(code, err, "movielens_emb!I50 is blank", "I51")
+
+
+def test_cells_the_user_typed_or_emptied_are_kept(capsys, built, tmp_path):
+    source = copy_of(built[COLLAB_FILE], tmp_path)
+    wb = openpyxl.load_workbook(source)
+    wb["dotprod"]["H25"] = 1.5
+    wb["dotprod"]["I25"] = None
+    wb.save(source)
+    code, _, err = run(capsys, "fit", source, "--sheet", "dotprod", "--engine", "scipy",
+                       "--out", tmp_path / "solved.xlsx")
+    assert code == 0, err
+    solved = openpyxl.load_workbook(tmp_path / "solved.xlsx")
+    assert solved["dotprod"]["H25"].value == 1.5 and solved["dotprod"]["I25"].value is None
+
+
 def test_output_equal_to_input_or_existing_is_refused(capsys, built, tmp_path):
     source = copy_of(built[COLLAB_FILE], tmp_path)
     before = _digest(source)
