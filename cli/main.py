@@ -4,13 +4,13 @@ import argparse
 import logging
 import sys
 
-from cli import paddy, workbooks
+from cli import movielens, paddy, workbooks
 from engine.errors import InputError
 
 log = logging.getLogger("xlmirror")
 
 EXIT_USAGE = 2  # a user's mistake, the same code argparse uses for a bad option
-COMMAND_MODULES = (workbooks, paddy)
+COMMAND_MODULES = (workbooks, movielens, paddy)
 
 
 def make_parser():

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# the models the torch engine trains at scale (engine.collab_nets builds them); named here,
+# away from torch, so the command line can list them without importing it
+MODEL_KINDS = ("dot", "dotbias", "nn", "embnn")
+
+
 @dataclass
 class LatentFactors:
     """The variables of the model: what Excel's Solver changes to lower the RMSE."""

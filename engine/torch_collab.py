@@ -21,6 +21,7 @@ from engine.optimize import FitResult
 
 DEVICES = ("auto", "cpu", "cuda")
 INIT_STD = 0.01  # fastbook's create_params and fastai's Embedding both start this small
+INITS = ("normal", "truncated")
 
 # per optimizer: engine name, default max_iter, default lr. Measured on the lecture's 15x15
 # block from LatentFactors.random(15, 15, 5, seed=42): Adam at lr 0.05 ends within 1% of
@@ -70,13 +71,26 @@ def resolve_device(name):
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _table(n_rows, n_columns, embedding):
-    """A (n_rows, n_columns) trainable table, normal(0, INIT_STD), as an Embedding or not."""
+def _table(n_rows, n_columns, embedding, init="normal"):
+    """A (n_rows, n_columns) trainable table, std INIT_STD, as an Embedding or not.
+
+    ``init`` "normal" draws normal(0, INIT_STD); "truncated" draws as fastai's ``Embedding``
+    does: a standard normal folded into (-2, 2) by ``fmod``, times INIT_STD.
+    """
+    if init not in INITS:
+        raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     if embedding:
         table = nn.Embedding(n_rows, n_columns)
-        nn.init.normal_(table.weight, mean=0.0, std=INIT_STD)
-        return table
-    return nn.Parameter(torch.zeros(n_rows, n_columns).normal_(0.0, INIT_STD))
+        weight = table.weight
+    else:
+        table = weight = nn.Parameter(torch.zeros(n_rows, n_columns))
+
+    with torch.no_grad():
+        if init == "normal":
+            weight.normal_(0.0, INIT_STD)
+        else:
+            weight.normal_().fmod_(2).mul_(INIT_STD)
+    return table
 
 
 def _rows(table, index):
@@ -106,15 +120,18 @@ class DotProduct(nn.Module):
         When given, predictions go through ``sigmoid_range(., *y_range)``.
     embedding : bool, default True
         True: ``nn.Embedding`` tables. False: ``nn.Parameter`` tensors indexed directly.
-        Both start normal(0, 0.01).
+    init : {"normal", "truncated"}, default "normal"
+        How every table starts: normal(0, 0.01), or fastai's ``Embedding`` init (a normal
+        truncated to two standard deviations by ``fmod``, times 0.01).
     """
 
-    def __init__(self, n_users, n_movies, n_factors, y_range=None, embedding=True):
+    def __init__(self, n_users, n_movies, n_factors, y_range=None, embedding=True,
+                 init="normal"):
         super().__init__()
         self.y_range = y_range
         self.embedding = embedding
-        self.user_factors = _table(n_users, n_factors, embedding)
-        self.movie_factors = _table(n_movies, n_factors, embedding)
+        self.user_factors = _table(n_users, n_factors, embedding, init)
+        self.movie_factors = _table(n_movies, n_factors, embedding, init)
 
     def forward(self, user_index, movie_index):
         """Predictions for (user, movie) pairs; indexes are 0-based int64, shape (batch,)."""
@@ -176,14 +193,17 @@ class DotProductBias(DotProduct):
     Bias tables are (n, 1) Embeddings when ``embedding`` is True, else (n,) Parameters.
     """
 
-    def __init__(self, n_users, n_movies, n_factors, y_range=None, embedding=True):
-        super().__init__(n_users, n_movies, n_factors, y_range=y_range, embedding=embedding)
+    def __init__(self, n_users, n_movies, n_factors, y_range=None, embedding=True,
+                 init="normal"):
+        super().__init__(n_users, n_movies, n_factors, y_range=y_range, embedding=embedding,
+                         init=init)
         if embedding:
-            self.user_bias = _table(n_users, 1, embedding=True)
-            self.movie_bias = _table(n_movies, 1, embedding=True)
+            self.user_bias = _table(n_users, 1, embedding=True, init=init)
+            self.movie_bias = _table(n_movies, 1, embedding=True, init=init)
         else:
-            self.user_bias = nn.Parameter(torch.zeros(n_users).normal_(0.0, INIT_STD))
-            self.movie_bias = nn.Parameter(torch.zeros(n_movies).normal_(0.0, INIT_STD))
+            # (n,) like fastbook's create_params([n_users]); same draw as a (n, 1) table
+            self.user_bias = nn.Parameter(_table(n_users, 1, False, init).detach().reshape(-1))
+            self.movie_bias = nn.Parameter(_table(n_movies, 1, False, init).detach().reshape(-1))
 
     def forward(self, user_index, movie_index):
         users = _rows(self.user_factors, user_index)  # (batch, k)
