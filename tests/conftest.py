@@ -101,6 +101,18 @@ def tiny_movielens(tmp_path):
     return write_movielens(tmp_path / "ml-100k")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread: the training tests' models are tiny, and on a shared
+    2-core machine a second thread only spins."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def copy_of(path, folder):
     """A copy of ``path`` inside ``folder`` (tests never touch the session's built files)."""
     target = Path(folder) / Path(path).name

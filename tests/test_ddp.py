@@ -62,14 +62,7 @@ def train_worker(folder, out_json, run_dir):
     return result
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_reach_the_loss_of_one(tmp_path):

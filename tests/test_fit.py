@@ -147,7 +147,7 @@ def test_models_over_excels_200_cell_limit_warn_and_still_fit(capsys, ml100k, tm
 
 
 def test_torch_on_cuda_without_a_gpu_is_a_clear_error(capsys, built, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error path needs one without")
     source = copy_of(built[COLLAB_FILE], tmp_path)

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+import fastai.collab as fastai_collab
 import torch
 from numpy.testing import assert_allclose
 
@@ -41,16 +42,7 @@ from engine.train_collab import (
 )
 from tests.conftest import write_movielens
 
-fastai_collab = pytest.importorskip("fastai.collab")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: on a shared 2-core machine a second intra-op thread only spins
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_split(tmp_path, seed=0, n_users=60, n_movies=50, valid_pct=0.2, split_seed=7):
