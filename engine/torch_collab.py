@@ -133,10 +133,15 @@ class DotProduct(nn.Module):
         self.user_factors = _table(n_users, n_factors, embedding, init)
         self.movie_factors = _table(n_movies, n_factors, embedding, init)
 
+    @staticmethod
+    def rows(table, index):
+        """Rows ``index`` of a factor or bias table; subclasses may look them up another way."""
+        return _rows(table, index)
+
     def forward(self, user_index, movie_index):
         """Predictions for (user, movie) pairs; indexes are 0-based int64, shape (batch,)."""
-        users = _rows(self.user_factors, user_index)  # (batch, k)
-        movies = _rows(self.movie_factors, movie_index)  # (batch, k)
+        users = self.rows(self.user_factors, user_index)  # (batch, k)
+        movies = self.rows(self.movie_factors, movie_index)  # (batch, k)
         scores = (users * movies).sum(dim=1)  # (batch,)
         return self._squash(scores)
 
@@ -206,12 +211,12 @@ class DotProductBias(DotProduct):
             self.movie_bias = nn.Parameter(_table(n_movies, 1, False, init).detach().reshape(-1))
 
     def forward(self, user_index, movie_index):
-        users = _rows(self.user_factors, user_index)  # (batch, k)
-        movies = _rows(self.movie_factors, movie_index)  # (batch, k)
+        users = self.rows(self.user_factors, user_index)  # (batch, k)
+        movies = self.rows(self.movie_factors, movie_index)  # (batch, k)
         scores = (users * movies).sum(dim=1)  # (batch,)
         # an Embedding bias row is (batch, 1); a Parameter's is (batch,)
-        scores = scores + _rows(self.user_bias, user_index).reshape(-1)
-        scores = scores + _rows(self.movie_bias, movie_index).reshape(-1)
+        scores = scores + self.rows(self.user_bias, user_index).reshape(-1)
+        scores = scores + self.rows(self.movie_bias, movie_index).reshape(-1)
         return self._squash(scores)
 
     def to_factors(self, like=None):
