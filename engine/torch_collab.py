@@ -138,12 +138,16 @@ class DotProduct(nn.Module):
         """Rows ``index`` of a factor or bias table; subclasses may look them up another way."""
         return _rows(table, index)
 
-    def forward(self, user_index, movie_index):
-        """Predictions for (user, movie) pairs; indexes are 0-based int64, shape (batch,)."""
+    def dot(self, user_index, movie_index):
+        """``user_factors[u] . movie_factors[m]`` for each pair, (batch,); subclasses may
+        compute it another way."""
         users = self.rows(self.user_factors, user_index)  # (batch, k)
         movies = self.rows(self.movie_factors, movie_index)  # (batch, k)
-        scores = (users * movies).sum(dim=1)  # (batch,)
-        return self._squash(scores)
+        return (users * movies).sum(dim=1)
+
+    def forward(self, user_index, movie_index):
+        """Predictions for (user, movie) pairs; indexes are 0-based int64, shape (batch,)."""
+        return self._squash(self.dot(user_index, movie_index))
 
     def _squash(self, scores):
         if self.y_range is None:
@@ -211,9 +215,7 @@ class DotProductBias(DotProduct):
             self.movie_bias = nn.Parameter(_table(n_movies, 1, False, init).detach().reshape(-1))
 
     def forward(self, user_index, movie_index):
-        users = self.rows(self.user_factors, user_index)  # (batch, k)
-        movies = self.rows(self.movie_factors, movie_index)  # (batch, k)
-        scores = (users * movies).sum(dim=1)  # (batch,)
+        scores = self.dot(user_index, movie_index)  # (batch,)
         # an Embedding bias row is (batch, 1); a Parameter's is (batch,)
         scores = scores + self.rows(self.user_bias, user_index).reshape(-1)
         scores = scores + self.rows(self.movie_bias, movie_index).reshape(-1)

@@ -13,6 +13,8 @@ chapter 8, but leaves out everything that costs time per sample:
 - ``OneCycle`` is fastai's one-cycle policy: learning rate lr_max/25 -> lr_max -> lr_max/1e5
   and beta1 0.95 -> 0.85 -> 0.95, cosine in both phases, the turn after 25% of the steps;
 - losses stay on the device and are read once an epoch (every ``.item()`` is a device sync).
+- on the CPU, glibc's malloc is told to keep freed memory (``keep_freed_memory``), so the
+  batch-sized buffers of one step are reused by the next instead of page-faulted in anew.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
 (gloo on the CPU, NCCL on CUDA). Every process keeps its own shard of the training ratings
@@ -24,9 +26,12 @@ Every epoch ends with a checkpoint (``checkpoint.pt`` in the run folder, written
 ``resume=True`` continues from it to the same weights an uninterrupted run reaches.
 """
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -333,6 +338,33 @@ def _device_tensors(users, movies, ratings, device):
     )
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS.
+
+    A CPU training step allocates a few batch-sized buffers (3.2 MB each at 16,000 ratings of
+    width 50) and frees them again. glibc serves blocks that large with ``mmap`` or returns the
+    top of its heap once freed, so every step page-faults fresh zeroed memory in: ~40,000
+    faults in a 5-epoch fit on ml-100k. Raising ``M_MMAP_THRESHOLD`` to its 32 MiB maximum and
+    ``M_TRIM_THRESHOLD`` to 1 GiB makes later steps reuse the same pages (the fit measured ~25%
+    faster on one core). The cost is that the process keeps its peak heap until it exits.
+    Process-wide and idempotent; does nothing where the C library is not glibc.
+
+    Returns
+    -------
+    bool
+        True when both settings were taken.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # no C library found, or one without mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def _epoch_generator(seed, epoch, rank, device):
     """A generator for one epoch's order, a function of (seed, epoch, rank) only.
 
@@ -348,6 +380,14 @@ def _epoch_generator(seed, epoch, rank, device):
 def _shuffled_order(n_rows, generator, device):
     """A random permutation of ``range(n_rows)``, (n_rows,) int64 on ``device``."""
     return torch.randperm(n_rows, generator=generator, device=device)
+
+
+def epoch_order(seed, epoch, n_rows, rank=0, device="cpu"):
+    """The order in which ``train`` visits a process's ``n_rows`` training rows in epoch
+    ``epoch`` (0-based) of a run seeded ``seed``, (n_rows,) int64 on ``device``; batches are
+    consecutive slices of it. Another trainer given these orders sees the same batches."""
+    device = torch.device(device)
+    return _shuffled_order(n_rows, _epoch_generator(seed, epoch, rank, device), device)
 
 
 @torch.no_grad()
@@ -562,6 +602,8 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
         seed = saved["config"]["seed"] if saved else _draw_seed(processes)
         config = replace(config, seed=seed)
     amp = config.amp and device.type == "cuda"
+    if device.type == "cpu":
+        keep_freed_memory()
 
     local_bs, n_local, steps_per_epoch = _batches(config.bs, len(split.train_ratings),
                                                   processes.world_size)
@@ -620,8 +662,7 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
         started = time.perf_counter()
 
         # one permutation and one gather per epoch; batches are then contiguous slices
-        generator = _epoch_generator(config.seed, epoch, processes.rank, device)
-        order = _shuffled_order(n_local, generator, device)
+        order = epoch_order(config.seed, epoch, n_local, processes.rank, device)
         # index_select: a plain gather, cheaper than advanced indexing (column[order])
         users, movies, ratings = (column.index_select(0, order) for column in train_data)
 

@@ -243,9 +243,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="fits of ours to take the "
                         "median of (and u1 seeds)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--bs", type=int, default=4096, help="ours on ml-100k")
-    parser.add_argument("--lr", type=float, default=0.03, help="ours on ml-100k")
-    parser.add_argument("--wd", type=float, default=1.0, help="ours on ml-100k")
+    parser.add_argument("--bs", type=int, default=16000, help="ours on ml-100k (5 steps an epoch)")
+    parser.add_argument("--lr", type=float, default=0.2, help="ours on ml-100k")
+    parser.add_argument("--wd", type=float, default=3.0, help="ours on ml-100k")
     parser.add_argument("--no-fastai", action="store_true")
     parser.add_argument("--fastai-sampling", nargs="+", default=["replacement"],
                         choices=("replacement", "permutation"),

@@ -5,9 +5,16 @@ Both routes get the same data: the ratings with their titles (the chapter's item
 the same random 20% held out (``engine.splits.random_split`` draws what fastai's
 ``RandomSplitter`` draws) and the same vocabularies. fastai trains either its own model
 (``collab_learner``) or, where the chapter writes a model by hand, the same module class as our
-engine wrapped for fastai's (batch, 2) input, in a plain ``Learner``. Each route draws its own
-initial weights and batch order, so the two differ by training noise; the target is that they
+engine wrapped for fastai's (batch, 2) input, in a plain ``Learner``. The target is that the two
 end within 0.01 valid MSE of each other.
+
+By default (``--start same``) both routes start from the same weights (fastai's own model's
+initial weights copied into ours, or one draw of the chapter's module copied into both) and
+fastai's loader is handed our engine's batch order for every epoch, so that what is left
+between the two columns is the difference between the implementations (fastai's ``Adam`` and
+its callbacks against ``engine.train_collab``), not the luck of a seed: the models without
+weight decay move by ~0.015 valid MSE from one seed to the next. ``--start own`` lets each
+route draw its own weights and order; compare means over ``--seeds`` then.
 
 Where the chapter gives no weight decay, fastai's Adam uses its default wd of 0.01; the same
 value is given to our engine (the book's table calls it 0).
@@ -23,10 +30,11 @@ Takes ~10 minutes on two CPU cores (fastai's bs-64 loop is ~12 s an epoch, ours 
     python scripts/fastbook_ch8.py                       # all models, 5 epochs
     python scripts/fastbook_ch8.py --models dot,embnn --epochs 2
     python scripts/fastbook_ch8.py --no-fastai           # our engine only
-    python scripts/fastbook_ch8.py --models dot --seeds 4   # compare means over 4 seeds
+    python scripts/fastbook_ch8.py --models dot --start own --seeds 4   # independent draws
 """
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -40,11 +48,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.collab_nets import CollabNN, build_model  # noqa: E402
+from engine.collab_nets import CollabNN, build_model, load_fastai_state  # noqa: E402
 from engine.releases import find_release, load_release  # noqa: E402
 from engine.splits import encode_split, random_split  # noqa: E402
 from engine.torch_collab import DotProduct, DotProductBias  # noqa: E402
-from engine.train_collab import TrainConfig, train  # noqa: E402
+from engine.train_collab import TrainConfig, epoch_order, train  # noqa: E402
 
 log = logging.getLogger("xlmirror")
 
@@ -116,20 +124,66 @@ def load_data(data_folder, seed):
     return ratings, split
 
 
-def run_ours(chapter, split, epochs, seed, progress):
-    model = chapter.ours(len(split.users), len(split.movies))
+def initial_model(chapter, split, seed):
+    """The chapter's module for our engine, its weights drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return chapter.ours(len(split.users), len(split.movies))
+
+
+def run_ours(model, chapter, split, epochs, seed, progress):
     config = TrainConfig(epochs=epochs, lr=5e-3, wd=chapter.wd, bs=64, seed=seed)
     result = train(split, config, device="cpu", progress=progress, model=model)
     return [(row.train_loss, row.valid_loss, row.seconds) for row in result.history]
 
 
-def run_fastai(chapter, ratings, split, epochs, seed, progress, sampling):
-    from fastai.callback.core import Callback
+def fastai_learner(chapter, ratings, split, seed, sampling, start=None):
+    """fastai's Learner for the chapter's model, on the same split as ours.
+
+    With ``start`` (our engine's initial module) the two runs are made to start alike: a
+    hand-made chapter model trains a copy of ``start``; for fastai's own models the other way
+    round, fastai's initial weights are copied into ``start``. The training loader then
+    draws each epoch in the order given to it by the ``GivenOrder`` callback.
+    """
     from fastai.collab import CollabDataLoaders, collab_learner
     from fastai.learner import Learner
     from fastai.losses import MSELossFlat
     from fastai.tabular.core import TabDataLoader, TabWeightedDL
     from fastai.torch_core import set_seed
+
+    class GivenOrderDL(TabDataLoader):
+        """fastai's tabular loader, its epoch a given permutation of the rows."""
+
+        order = None  # set before each epoch by GivenOrder
+
+        def shuffle_fn(self, idxs):
+            return [idxs[i] for i in self.order.tolist()]
+
+    set_seed(seed)
+    if start is not None:
+        dl_type = GivenOrderDL
+    else:
+        dl_type = TabDataLoader if sampling == "permutation" else TabWeightedDL
+    dls = CollabDataLoaders.from_df(ratings, valid_pct=0.2, seed=seed, user_name="user",
+                                    item_name="title", rating_name="rating", bs=64,
+                                    dl_type=dl_type)
+    if list(dls.classes["title"]) != split.movies.classes:
+        raise SystemExit("fastai numbered the titles differently from engine.splits")
+
+    if chapter.fastai == "learner":
+        model = (copy.deepcopy(start) if start is not None
+                 else chapter.ours(len(split.users), len(split.movies)))
+        return Learner(dls, PairInput(model), loss_func=MSELossFlat())
+    learn = collab_learner(dls, n_factors=50, y_range=Y_RANGE,
+                           use_nn=chapter.fastai == "collab_learner_nn", layers=[100, 50])
+    if start is not None:
+        load_fastai_state(start, learn.model.state_dict())
+    return learn
+
+
+def run_fastai(learn, chapter, epochs, progress, orders=None):
+    """Fit ``learn`` as the chapter does; ``orders`` (one per epoch) for a GivenOrderDL."""
+    from fastai.callback.core import Callback
     from tqdm.auto import tqdm
 
     class EpochBar(Callback):
@@ -150,34 +204,44 @@ def run_fastai(chapter, ratings, split, epochs, seed, progress, sampling):
             self.bar.close()
             self.learn.epoch_seconds.append(time.perf_counter() - self.started)
 
-    set_seed(seed)
-    dl_type = TabDataLoader if sampling == "permutation" else TabWeightedDL
-    dls = CollabDataLoaders.from_df(ratings, valid_pct=0.2, seed=seed, user_name="user",
-                                    item_name="title", rating_name="rating", bs=64,
-                                    dl_type=dl_type)
-    if list(dls.classes["title"]) != split.movies.classes:
-        raise SystemExit("fastai numbered the titles differently from engine.splits")
-    if chapter.fastai == "learner":
-        model = PairInput(chapter.ours(len(split.users), len(split.movies)))
-        learn = Learner(dls, model, loss_func=MSELossFlat())
-    else:
-        learn = collab_learner(dls, n_factors=50, y_range=Y_RANGE,
-                               use_nn=chapter.fastai == "collab_learner_nn", layers=[100, 50])
+    class GivenOrder(Callback):
+        """Hands the training loader this epoch's order before it draws its batches."""
 
+        def before_train(self):
+            self.dls.train.order = orders[self.epoch]
+
+    callbacks = [EpochBar()] + ([GivenOrder()] if orders is not None else [])
     learn.epoch_seconds = []
     with learn.no_bar(), learn.no_logging():
         if chapter.wd == FASTAI_DEFAULT_WD:
-            learn.fit_one_cycle(epochs, 5e-3, cbs=EpochBar())  # as the chapter: no wd given
+            learn.fit_one_cycle(epochs, 5e-3, cbs=callbacks)  # as the chapter: no wd given
         else:
-            learn.fit_one_cycle(epochs, 5e-3, wd=chapter.wd, cbs=EpochBar())
+            learn.fit_one_cycle(epochs, 5e-3, wd=chapter.wd, cbs=callbacks)
     # the Recorder's train loss is its smoothed loss at the end of the epoch (fastai's table)
     return [(train_loss, valid_loss, seconds) for (train_loss, valid_loss), seconds
             in zip(learn.recorder.values, learn.epoch_seconds)]
 
 
-def side_by_side(key, chapter, seed, ours, theirs):
-    lines = [f"\n{key}: {chapter.label}, wd {chapter.wd:g}, seed {seed} (fastbook: "
-             f"{chapter.book:.3f})",
+def run_both(chapter, ratings, split, args, seed):
+    """(our epochs, fastai's epochs or None) for one chapter model and seed."""
+    progress = not args.no_progress
+    model = initial_model(chapter, split, seed)
+    if args.no_fastai:
+        return run_ours(model, chapter, split, args.epochs, seed, progress), None
+
+    same = args.start == "same"
+    learn = fastai_learner(chapter, ratings, split, seed, args.fastai_sampling,
+                           start=model if same else None)
+    orders = ([epoch_order(seed, epoch, len(split.train_ratings)) for epoch in
+               range(args.epochs)] if same else None)
+    theirs = run_fastai(learn, chapter, args.epochs, progress, orders)
+    ours = run_ours(model, chapter, split, args.epochs, seed, progress)
+    return ours, theirs
+
+
+def side_by_side(key, chapter, seed, start, ours, theirs):
+    lines = [f"\n{key}: {chapter.label}, wd {chapter.wd:g}, seed {seed}, {start} start "
+             f"(fastbook: {chapter.book:.3f})",
              f"{'epoch':>5} | {'ours train':>10} {'ours valid':>10} {'s':>6} | "
              f"{'fastai train*':>13} {'fastai valid':>12} {'s':>6}"]
     for epoch in range(len(ours)):
@@ -218,10 +282,14 @@ def main(argv=None):
                         help="run seeds SEED..SEED+N-1 and compare the means: the models "
                              "without weight decay vary by ~0.01 from seed to seed")
     parser.add_argument("--no-fastai", action="store_true", help="train only with our engine")
+    parser.add_argument("--start", choices=("same", "own"), default="same",
+                        help="same (default): fastai starts from our initial weights and draws "
+                             "our batch order; own: each route draws its own")
     parser.add_argument("--fastai-sampling", choices=("permutation", "replacement"),
                         default="permutation",
-                        help="fastai's epoch: a permutation of the rows as in fastbook and our "
-                             "engine (default), or fastai 2.8's draw with replacement")
+                        help="with --start own, fastai's epoch: a permutation of the rows as "
+                             "in fastbook and our engine (default), or fastai 2.8's draw with "
+                             "replacement")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: bs-64 steps are too small to share)")
     parser.add_argument("--no-progress", action="store_true")
@@ -234,6 +302,9 @@ def main(argv=None):
     unknown = [key for key in keys if key not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
+    if args.start == "same" and args.fastai_sampling == "replacement":
+        parser.error("--fastai-sampling replacement draws fastai's own batches: use it with "
+                     "--start own")
 
     results = {key: {"label": MODELS[key].label, "wd": MODELS[key].wd,
                      "book": MODELS[key].book, "runs": []} for key in keys}
@@ -243,12 +314,9 @@ def main(argv=None):
             chapter = MODELS[key]
             log.info("[%d/%d] %s: %s, wd %g, seed %d", number, len(keys), key, chapter.label,
                      chapter.wd, seed)
-            ours = run_ours(chapter, split, args.epochs, seed, not args.no_progress)
-            theirs = (None if args.no_fastai else
-                      run_fastai(chapter, ratings, split, args.epochs, seed,
-                                 not args.no_progress, args.fastai_sampling))
+            ours, theirs = run_both(chapter, ratings, split, args, seed)
             results[key]["runs"].append({"seed": seed, "ours": ours, "fastai": theirs})
-            print(side_by_side(key, chapter, seed, ours, theirs), flush=True)
+            print(side_by_side(key, chapter, seed, args.start, ours, theirs), flush=True)
 
     print(summary(results))
     if args.json:
