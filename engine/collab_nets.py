@@ -46,41 +46,54 @@ def lookup(table, index):
     return _weight(table).index_select(0, index)
 
 
+CPU_CHUNK = 4096  # pairs per pass on the CPU: their (chunk, width) rows stay in the L2 cache
+
+
 class PairDot(torch.autograd.Function):
     """``(user_table[u] * movie_table[m]).sum(1)`` as one autograd node.
 
-    Autograd would record two look-ups, a product and a sum, and run their four backward
-    functions. Here the backward pass is written out: the gradient of a user row is the sum,
-    over the pairs it appears in, of ``grad * movie row``, scattered with ``scatter_add_``
-    (on one CPU core, for 4096 rows of width 50: 0.15 ms, ``index_add_`` 0.22 ms). The
-    gathered rows are kept from the forward pass, so nothing is looked up twice.
+    Autograd would record two look-ups, a product and a sum, run their four backward functions
+    and keep the gathered (batch, width) rows between the passes. Here the backward pass is
+    written out: the gradient of a user row is the sum, over the pairs it appears in, of
+    ``grad * movie row``, scattered with ``scatter_add_`` (on one CPU core, for 4096 rows of
+    width 50: 0.15 ms, ``index_add_`` 0.22 ms). On the CPU both passes go through the batch
+    ``CPU_CHUNK`` pairs at a time, gathering the rows again in the backward pass instead of
+    keeping them: at 16,000 pairs of width 50 the whole-batch buffers (3.2 MB each) spill out
+    of the cache, and a 5-epoch ml-100k fit measured 16% faster chunked. On a GPU a chunk is
+    the whole batch.
     """
 
     @staticmethod
     def forward(ctx, user_table, movie_table, user_index, movie_index):
-        users = user_table.index_select(0, user_index)  # (batch, k)
-        movies = movie_table.index_select(0, movie_index)  # (batch, k)
-        ctx.save_for_backward(users, movies, user_index, movie_index)
-        ctx.table_rows = (len(user_table), len(movie_table))
-        return (users * movies).sum(dim=1)
+        ctx.save_for_backward(user_table, movie_table, user_index, movie_index)
+        scores = user_table.new_empty(len(user_index))
+        for pairs in _chunks(user_index):
+            users = user_table.index_select(0, user_index[pairs])  # (chunk, k)
+            movies = movie_table.index_select(0, movie_index[pairs])
+            torch.sum(users.mul_(movies), dim=1, out=scores[pairs])
+        return scores
 
     @staticmethod
     def backward(ctx, grad_scores):
-        users, movies, user_index, movie_index = ctx.saved_tensors
-        n_users, n_movies = ctx.table_rows
-        grad = grad_scores.unsqueeze(1)  # (batch, 1), broadcast over the factors
-        grad_users = grad_movies = None
-        if ctx.needs_input_grad[0]:
-            grad_users = _scatter_rows(grad * movies, user_index, n_users)
-        if ctx.needs_input_grad[1]:
-            grad_movies = _scatter_rows(grad * users, movie_index, n_movies)
+        user_table, movie_table, user_index, movie_index = ctx.saved_tensors
+        grad_users = torch.zeros_like(user_table) if ctx.needs_input_grad[0] else None
+        grad_movies = torch.zeros_like(movie_table) if ctx.needs_input_grad[1] else None
+        for pairs in _chunks(user_index):
+            grad = grad_scores[pairs].unsqueeze(1)  # (chunk, 1), broadcast over the factors
+            users, movies = user_index[pairs], movie_index[pairs]
+            if grad_users is not None:
+                rows = movie_table.index_select(0, movies).mul_(grad)
+                grad_users.scatter_add_(0, users.unsqueeze(1).expand_as(rows), rows)
+            if grad_movies is not None:
+                rows = user_table.index_select(0, users).mul_(grad)
+                grad_movies.scatter_add_(0, movies.unsqueeze(1).expand_as(rows), rows)
         return grad_users, grad_movies, None, None
 
 
-def _scatter_rows(rows, index, n_rows):
-    """A (n_rows, width) table whose row ``i`` is the sum of ``rows[j]`` over ``index[j] == i``."""
-    table = rows.new_zeros(n_rows, rows.shape[1])
-    return table.scatter_add_(0, index.unsqueeze(1).expand_as(rows), rows)
+def _chunks(index):
+    """Slices that cut the pairs of ``index`` into passes (one, off the CPU)."""
+    step = CPU_CHUNK if index.device.type == "cpu" else max(len(index), 1)
+    return [slice(start, start + step) for start in range(0, len(index), step)]
 
 
 def pair_dot(user_table, movie_table, user_index, movie_index):

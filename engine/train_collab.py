@@ -57,8 +57,11 @@ EVAL_BATCH = 1 << 18  # rows per forward pass when only predicting (no activatio
 # from this many ratings a step, each batch is put in user order first. The set is the same, so
 # the step is too (up to float rounding), but the user table is then read and its gradient
 # accumulated front to back: at ML-25M size (162,541 x 50), batch 131,072, one CPU core,
-# gather 18 -> 7 ms and index_add 45 -> 15 ms, for a 4 ms sort. Small batches gain nothing.
+# gather 18 -> 7 ms and index_add 45 -> 15 ms, for a 4 ms sort. Small batches gain nothing,
+# nor do small user tables, which stay in the cache anyway (ml-100k's 944 users: the sort
+# only cost time).
 SORTED_BATCH = 8192
+SORTED_USERS = 50_000
 
 
 @dataclass
@@ -658,6 +661,7 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
             steps_per_epoch * config.bs, steps_per_epoch, config.bs, n_valid,
             len(split.users) - 1, len(split.movies) - 1, config.seed)
 
+    sort_batches = local_bs >= SORTED_BATCH and len(split.users) >= SORTED_USERS
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
 
@@ -675,7 +679,7 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
             set_hypers(optimizer, schedule.lr(step), schedule.mom(step))
             batch = slice(i * local_bs, (i + 1) * local_bs)
             batch_users, batch_movies, batch_ratings = users[batch], movies[batch], ratings[batch]
-            if local_bs >= SORTED_BATCH:
+            if sort_batches:
                 by_user = torch.argsort(batch_users)
                 batch_users, batch_movies, batch_ratings = (
                     column.index_select(0, by_user)

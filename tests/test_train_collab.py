@@ -17,6 +17,7 @@ import fastai.collab as fastai_collab
 import torch
 from numpy.testing import assert_allclose
 
+import engine.collab_nets as collab_nets
 import engine.train_collab as train_collab
 from cli import movielens as movielens_cli
 from cli.main import EXIT_USAGE, _report_to_stderr
@@ -129,9 +130,11 @@ def test_pair_dot_gradient_passes_finite_differences():
     assert torch.autograd.gradcheck(PairDot.apply, (user_table, movie_table, users, movies))
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])  # 500 pairs: 72 passes, or one
 @pytest.mark.parametrize("kind, plain", [("dot", DotProduct), ("dotbias", DotProductBias)])
-def test_fast_models_train_as_the_plain_modules(kind, plain):
+def test_fast_models_train_as_the_plain_modules(kind, plain, chunk, monkeypatch):
     # the hand-written backward against autograd through the look-up-multiply-sum modules
+    monkeypatch.setattr(collab_nets, "CPU_CHUNK", chunk)
     fast = build_model(kind, 30, 40, n_factors=6).double()
     reference = plain(30, 40, 6, y_range=(0.0, 5.5)).double()
     with torch.no_grad():
@@ -282,6 +285,7 @@ def test_batches_put_in_user_order_train_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(train_collab, "SORTED_BATCH", 10**9)
     as_drawn = train(split, config, device="cpu", progress=False)
     monkeypatch.setattr(train_collab, "SORTED_BATCH", 1)
+    monkeypatch.setattr(train_collab, "SORTED_USERS", 1)
     sorted_by_user = train(split, config, device="cpu", progress=False)
 
     # the same ratings in each step, summed in another order: float32 rounding only
