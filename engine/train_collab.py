@@ -27,7 +27,7 @@ Every epoch ends with a checkpoint (``checkpoint.pt`` in the run folder, written
 """
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import math
 import os
@@ -341,6 +341,7 @@ def _device_tensors(users, movies, ratings, device):
     )
 
 
+@functools.cache
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS.
 
@@ -350,7 +351,7 @@ def keep_freed_memory():
     faults in a 5-epoch fit on ml-100k. Raising ``M_MMAP_THRESHOLD`` to its 32 MiB maximum and
     ``M_TRIM_THRESHOLD`` to 1 GiB makes later steps reuse the same pages (the fit measured ~25%
     faster on one core). The cost is that the process keeps its peak heap until it exits.
-    Process-wide and idempotent; does nothing where the C library is not glibc.
+    Process-wide, done once; does nothing where the C library is not glibc.
 
     Returns
     -------
@@ -360,9 +361,8 @@ def keep_freed_memory():
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # no C library found, or one without mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this Python runs on
+    except (OSError, AttributeError):  # one without mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
