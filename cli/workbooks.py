@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 from engine.errors import InputError
@@ -10,6 +11,7 @@ from engine.errors import InputError
 log = logging.getLogger("xlmirror")
 
 EXIT_MISMATCH = 1  # check found a cell over the tolerance
+EXIT_UNREADABLE = 2  # check could not read one of its files (cli.main's EXIT_USAGE)
 
 
 def build_command(args):
@@ -26,17 +28,27 @@ def check_command(args):
     from sheets.check import available_engines, check_workbook, format_report, report_dict
 
     engines, notes = available_engines()
-    reports = []
+    reports, unreadable = [], []
     for path in args.files:
         log.info("checking %s with %s", path, " and ".join(engines))
-        report = check_workbook(path, engines)
+        try:
+            report = check_workbook(path, engines)
+        except InputError as exc:
+            if len(args.files) == 1:
+                raise
+            # one bad file among several: say so and go on, the other reports still count
+            print(f"xlmirror: error: {exc}", file=sys.stderr)
+            unreadable.append({"path": str(path), "ok": False, "error": str(exc)})
+            continue
         report.notes.extend(notes)
         reports.append(report)
         if not args.json:
             print(format_report(report))
 
     if args.json:
-        print(json.dumps([report_dict(report) for report in reports], indent=2))
+        print(json.dumps([report_dict(report) for report in reports] + unreadable, indent=2))
+    if unreadable:
+        return EXIT_UNREADABLE
     return 0 if all(report.ok for report in reports) else EXIT_MISMATCH
 
 
@@ -123,7 +135,8 @@ def register(commands):
         "check", help="recalculate every formula with two engines and compare with numpy",
         description="Recalculate every formula cell with the formulas package and with "
                     "LibreOffice headless, and compare each cell with its cached value and "
-                    "with the numpy reference. Exits 1 when any cell differs by more than 1e-9.",
+                    "with the numpy reference. Exits 1 when any cell differs by more than 1e-9, "
+                    "2 when a file cannot be read (the other files are still checked).",
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="workbooks to check")
     check.add_argument("--json", action="store_true", help="print the report as JSON")

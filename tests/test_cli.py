@@ -259,6 +259,19 @@ def test_check_rejects_files_that_are_not_readable_workbooks(capsys, built, tmp_
     assert_user_error(code, err, *fragments)
 
 
+def test_check_reports_the_readable_files_when_one_is_not(capsys, built, tmp_path, soffice):
+    missing = tmp_path / "missing.xlsx"
+    code, out, err = run(capsys, "check", missing, built[ENTROPY_FILE])
+    assert_user_error(code, err, "missing.xlsx", "does not exist")
+    assert str(built[ENTROPY_FILE]) in out  # the readable file was still checked and reported
+
+    code, out, _ = run(capsys, "check", "--json", built[ENTROPY_FILE], missing)
+    reports = json.loads(out)
+    assert code == 2 and len(reports) == 2
+    assert reports[1]["path"] == str(missing) and not reports[1]["ok"]
+    assert "does not exist" in reports[1]["error"]
+
+
 def test_xml_entities_are_never_expanded(built, tmp_path):
     import openpyxl.xml
     from defusedxml import EntitiesForbidden
