@@ -144,11 +144,20 @@ def release_url(name):
     return GROUPLENS_URL.format(name=release.name)
 
 
-def how_to_provide(release):
-    """The ways a user can make ``release`` available, for the end of an error message."""
+def how_to_provide(release, environ=None):
+    """The ways a user can make ``release`` available, for the end of an error message.
+
+    When ``XLMIRROR_DATA`` is set (in ``environ``, default ``os.environ``) to a folder without
+    the release, the message says so, since the user may believe it is already provided.
+    """
+    environ = os.environ if environ is None else environ
+    current = environ.get(DATA_ENV)
+    data_env = f"set {DATA_ENV} to a folder holding {release.folder}/"
+    if current and _release_in(current, release) is None:
+        data_env += f" (it is {current}, which holds none)"
     return (
         f"pass the folder holding {release.ratings_file} (or one holding {release.folder}/), "
-        f"set {DATA_ENV} to a folder holding {release.folder}/, or allow fastai to download it"
+        f"{data_env}, or allow fastai to download it"
     )
 
 
@@ -283,7 +292,9 @@ def _resolve(folder_or_name, name, download, environ, use_fastai):
     folder = find_release(release.name, environ=environ, use_fastai=use_fastai)
     if folder is None:
         if not download:
-            raise InputError(f"MovieLens {release.name} was not found; {how_to_provide(release)}")
+            raise InputError(
+                f"MovieLens {release.name} was not found; {how_to_provide(release, environ)}"
+            )
         folder = download_release(release.name)
     return release, folder
 

@@ -492,6 +492,15 @@ def test_load_downloads_only_when_allowed(fake_untar):
     assert data.folder.name == "ml-10m"
 
 
+def test_not_found_names_the_data_folder_already_set(tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(InputError) as error:
+        load_release("ml-10m", environ={"XLMIRROR_DATA": str(empty)}, use_fastai=False)
+    expected = f"XLMIRROR_DATA to a folder holding ml-10M100K/ (it is {empty}, which holds none)"
+    assert expected in str(error.value)
+
+
 def test_offline_download_says_how_to_provide_the_data(monkeypatch):
     import fastai.data.external
 
