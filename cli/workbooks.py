@@ -77,6 +77,11 @@ def fit_command(args):
         best = min(results, key=lambda result: result.final_rmse)
         solutions[problem.sheet] = (problem, best.factors)
         rows.extend((problem.sheet, result, result is best) for result in results)
+        for result in results:
+            if result.converged is False:
+                log.warning("%s: %s stopped after %d iterations without converging; its "
+                            "RMSE may still be falling", problem.sheet, result.engine,
+                            result.iterations)
     cached = write_solution(args.workbook, out, wb, solutions)
     log.info("wrote %s (the lowest final RMSE of each sheet, marked *)", out)
 
@@ -89,20 +94,24 @@ def fit_command(args):
         print(json.dumps({"out": str(out), "sheet_rmse": cached, "fits": [
             {"sheet": sheet, "engine": r.engine, "device": r.device,
              "start_rmse": r.start_rmse, "final_rmse": r.final_rmse,
-             "iterations": r.iterations, "seconds": r.seconds, "written": written}
+             "iterations": r.iterations, "converged": r.converged, "seconds": r.seconds,
+             "written": written}
             for sheet, r, written in rows]}, indent=2))
     else:
         print(_fit_table(rows))
     return 0
 
 
+CONVERGED = {True: "yes", False: "no", None: "-"}  # None: a fixed number of steps (Adam)
+
+
 def _fit_table(rows):
     lines = [f"{'sheet':<16}{'engine':<17}{'device':<8}{'start RMSE':>11}{'final RMSE':>12}"
-             f"{'iterations':>12}{'seconds':>9}"]
+             f"{'iterations':>12}{'converged':>11}{'seconds':>9}"]
     for sheet, r, written in rows:
         lines.append(f"{sheet:<16}{r.engine:<17}{r.device:<8}{r.start_rmse:>11.6f}"
-                     f"{r.final_rmse:>12.6f}{r.iterations:>12d}{r.seconds:>9.2f}"
-                     f"{'  *' if written else ''}")
+                     f"{r.final_rmse:>12.6f}{r.iterations:>12d}{CONVERGED[r.converged]:>11}"
+                     f"{r.seconds:>9.2f}{'  *' if written else ''}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,10 @@ class FitResult:
         Optimizer iterations taken (``len(history) - 1``).
     seconds : float
         Wall-clock time of the optimization, setup included.
+    converged : bool or None
+        True when the optimizer stopped on its own tolerance, False when it hit its iteration
+        cap (or, for scipy, gave up in a line search) first; None for a fixed number of steps
+        (Adam), where the question does not arise.
     """
 
     engine: str
@@ -51,6 +55,7 @@ class FitResult:
     history: list = field(default_factory=list)
     iterations: int = 0
     seconds: float = 0.0
+    converged: bool | None = None
 
 
 def fit_scipy(ratings, start, with_bias, max_iter=1000, tol=1e-12, weight_decay=0.0):
@@ -107,4 +112,5 @@ def fit_scipy(ratings, start, with_bias, max_iter=1000, tol=1e-12, weight_decay=
         engine="scipy L-BFGS-B", device="cpu", factors=unpack(result.x, start, with_bias),
         start_rmse=history[0], final_rmse=rmse_and_gradient_at(result.x)[0], history=history,
         iterations=int(result.nit), seconds=time.perf_counter() - started,
+        converged=bool(result.success),
     )

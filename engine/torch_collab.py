@@ -350,14 +350,15 @@ def fit_torch(ratings, start, with_bias, optimizer="lbfgs", device="auto", max_i
         return sheet_objective_torch(ratings_tensor, module, cells)
 
     if optimizer == "lbfgs":
-        history = _run_lbfgs(module, rmse, max_iter, lr, weight_decay, tol)
+        history, converged = _run_lbfgs(module, rmse, max_iter, lr, weight_decay, tol)
     else:
-        history = _run_adam(module, rmse, max_iter, lr, weight_decay)
+        history, converged = _run_adam(module, rmse, max_iter, lr, weight_decay), None
 
     return FitResult(
         engine=engine, device=str(device), factors=module.to_factors(like=start),
         start_rmse=history[0], final_rmse=history[-1], history=history,
         iterations=len(history) - 1, seconds=time.perf_counter() - started,
+        converged=converged,
     )
 
 
@@ -366,7 +367,8 @@ def _l2_penalty(module, weight_decay):
 
 
 def _run_lbfgs(module, rmse, max_iter, lr, weight_decay, tol):
-    """L-BFGS one iteration per ``step``; returns the RMSE history as floats."""
+    """L-BFGS one iteration per ``step``; returns (the RMSE history as floats, whether it
+    stopped on ``tol`` before ``max_iter``)."""
     # max_iter=1: torch keeps the curvature pairs in its state between steps, so this is the
     # same run as one long step, but lets us record and test convergence per iteration.
     # max_eval must then be set: its default (1.25 * max_iter) would leave the line search no
@@ -402,8 +404,8 @@ def _run_lbfgs(module, rmse, max_iter, lr, weight_decay, tol):
 
         # scipy's ftol rule, on the function being minimised
         if abs(before - loss) <= tol * max(abs(before), abs(loss), 1.0):
-            break
-    return history
+            return history, True
+    return history, False
 
 
 def _run_adam(module, rmse, max_iter, lr, weight_decay):

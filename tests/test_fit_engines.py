@@ -329,6 +329,22 @@ def test_torch_adam_gets_near_scipy(scipy_fits, with_bias, device):
         assert_array_equal(getattr(start, name), before[name], err_msg=name)
 
 
+def test_fits_say_whether_they_stopped_on_their_tolerance(scipy_fits):
+    ratings, start, fits = scipy_fits
+    capped = {"scipy": fit_scipy(ratings, start, True, max_iter=3),
+              "lbfgs": fit_torch(ratings, start, True, "lbfgs", device="cpu", max_iter=3)}
+    converged = fit_torch(ratings, start, True, "lbfgs", device="cpu")
+
+    # the well-posed problem converges well inside the default cap of 1000 iterations
+    assert fits[True].converged is True and fits[True].iterations < 1000
+    assert converged.converged is True and converged.iterations < 1000
+    for name, result in capped.items():
+        assert result.converged is False and result.iterations == 3, name
+        assert result.final_rmse > fits[True].final_rmse + 1e-3, name  # really unfinished
+    adam = fit_torch(ratings, start, True, "adam", device="cpu", max_iter=5)
+    assert adam.converged is None
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_decay_means_the_same_penalty_everywhere(scipy_fits, with_bias):
     ratings, start, fits = scipy_fits
