@@ -11,7 +11,7 @@ from sheets.collab_book import N_MOVIES, N_USERS, build_collab_workbook
 from sheets.entropy_book import build_entropy_workbook
 from sheets.references import reference_values
 from sheets.solver import EXCEL_SOLVER_VARIABLE_LIMIT, read_solver
-from sheets.writer import is_pristine_build, workbook_bytes, write_atomically
+from sheets.writer import is_pristine_build, workbook_bytes, write_all_atomically
 
 log = logging.getLogger("xlmirror")
 
@@ -78,8 +78,8 @@ def build(out_dir="workbooks", ratings_dir=None, seed=42, force=False, download=
                 f"{path} was changed after xlmirror wrote it (or was not written by it); "
                 "move it away or pass --force to overwrite it"
             )
-    for path, data in contents.items():
-        write_atomically(path, data)
+    write_all_atomically(contents)  # both or neither: the pair always belongs together
+    for path in contents:
         log.info("wrote %s", path)
     return list(contents)
 

@@ -94,7 +94,33 @@ def write_atomically(path, data):
 
     A crash or a full disk leaves the old file (or none) in place, never half a file.
     """
-    path = Path(path)
+    write_all_atomically({path: data})
+
+
+def write_all_atomically(contents):
+    """Write several files, each ``{path: data}``, so that either all are written or none.
+
+    Every file is first written in full to a temporary file beside its target; only when all
+    of them are on disk are they renamed into place. A full disk or a crash while writing
+    leaves every old file as it was.
+    """
+    staged = {}
+    try:
+        for path, data in contents.items():
+            staged[Path(path)] = _stage(Path(path), data)
+        for path, temp_name in staged.items():
+            try:
+                os.replace(temp_name, path)
+            except OSError as exc:
+                raise InputError(
+                    f"cannot write {path}: {exc.strerror}; choose another --out") from None
+    finally:
+        for temp_name in staged.values():
+            Path(temp_name).unlink(missing_ok=True)  # the renamed ones are gone already
+
+
+def _stage(path, data):
+    """``data`` in a new temporary file beside ``path``; returns its name."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -104,12 +130,12 @@ def write_atomically(path, data):
         with os.fdopen(handle, "wb") as temp:
             temp.write(data)
         os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
     except BaseException as exc:
         Path(temp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise InputError(f"cannot write {path}: {exc.strerror}; choose another --out") from None
         raise
+    return temp_name
 
 
 def _numbers_in(ws):

@@ -211,6 +211,28 @@ def test_write_failure_leaves_no_partial_file(capsys, tiny_movielens, tmp_path, 
     assert list((tmp_path / "o").iterdir()) == []
 
 
+def test_build_writes_both_workbooks_or_neither(capsys, tiny_movielens, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert run(capsys, "build", "--ratings", tiny_movielens, "--out", out)[0] == 0
+    before = {name: (out / name).read_bytes() for name in (ENTROPY_FILE, COLLAB_FILE)}
+
+    real_fdopen, opened = os.fdopen, []
+
+    def disk_full_on_the_second_file(handle, mode):
+        opened.append(handle)
+        if len(opened) == 2:
+            os.close(handle)
+            raise OSError(28, "No space left on device")
+        return real_fdopen(handle, mode)
+
+    monkeypatch.setattr(os, "fdopen", disk_full_on_the_second_file)
+    code, _, err = run(capsys, "build", "--ratings", tiny_movielens, "--out", out, "--seed", 3)
+    assert_user_error(code, err, "No space left")
+    # the first workbook was staged in full, yet neither changed, and no temporary file is left
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(path.name for path in out.iterdir()) == sorted(before)
+
+
 def test_edited_workbook_is_not_overwritten(capsys, tiny_movielens, tmp_path):
     out = tmp_path / "o"
     assert run(capsys, "build", "--ratings", tiny_movielens, "--out", out)[0] == 0
