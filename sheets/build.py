@@ -7,6 +7,7 @@ import openpyxl
 
 from engine import movielens
 from engine.errors import InputError
+from sheets.cells import fit_column_widths
 from sheets.collab_book import N_MOVIES, N_USERS, build_collab_workbook
 from sheets.entropy_book import build_entropy_workbook
 from sheets.references import reference_values
@@ -70,6 +71,8 @@ def build(out_dir="workbooks", ratings_dir=None, seed=42, force=False, download=
     contents = {}
     for name, wb in books.items():
         _warn_on_large_solver_models(name, wb)
+        for ws in wb:
+            fit_column_widths(ws)
         contents[out_dir / name] = workbook_bytes(wb, reference_values(wb))
 
     for path in contents:

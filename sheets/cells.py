@@ -144,3 +144,31 @@ def split_address(address):
     """``"H19"`` -> (8, 19): 1-based column and row."""
     letters = address.rstrip("0123456789")
     return column_index_from_string(letters), int(address[len(letters):])
+
+
+LABEL_WIDTH = 24  # longer text is a note, left to run on over the empty cells to its right
+NUMBER_WIDTH = 12  # what Excel's General format needs for a number such as -0.123456789
+MIN_WIDTH = 9  # a little over Excel's default of 8.43, so that short numbers are not cut
+
+
+def fit_column_widths(ws):
+    """Widen each column of ``ws`` to show its labels and numbers whole.
+
+    A column is as wide as its longest label (text of at most ``LABEL_WIDTH`` characters),
+    plus a margin, and at least ``NUMBER_WIDTH`` when it holds numbers or formulas. Longer text
+    (a sheet's notes) does not widen its column; it runs on into the empty cells beside it.
+    """
+    widths = {}
+    for row in ws.iter_rows():
+        for cell in row:
+            if cell.value is None:
+                continue
+            if cell.data_type == "s":
+                if len(cell.value) > LABEL_WIDTH:
+                    continue
+                width = len(cell.value) + 2
+            else:
+                width = NUMBER_WIDTH
+            widths[cell.column_letter] = max(widths.get(cell.column_letter, MIN_WIDTH), width)
+    for letter, width in widths.items():
+        ws.column_dimensions[letter].width = width

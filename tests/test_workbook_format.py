@@ -90,6 +90,21 @@ def test_formula_cells_show_numbers_without_recalculation(built):
     assert 0 < rmse < 5
 
 
+def test_columns_are_wide_enough_for_labels_and_numbers(built):
+    # Excel's General format shows a double in at most 11 characters (-0.12345679); a label
+    # needs one character of width per letter. Longer text is a note that may run on.
+    for name in (ENTROPY_FILE, COLLAB_FILE):
+        for ws in openpyxl.load_workbook(built[name]):
+            for row in ws.iter_rows():
+                for cell in row:
+                    if cell.value is None:
+                        continue
+                    width = ws.column_dimensions[cell.column_letter].width
+                    needed = len(cell.value) if cell.data_type == "s" else 11
+                    if needed <= 24:
+                        assert width >= needed, f"{name} {ws.title}!{cell.coordinate}"
+
+
 def test_titles_that_look_like_formulas_stay_text(tmp_path):
     tricky = {1: '=HYPERLINK("http://evil","x")', 2: "+1 (1999)", 3: "-minus", 4: "@SUM(A1)"}
     folder = write_movielens(tmp_path / "ml-100k", n_users=20, n_movies=20, density=0.95,
