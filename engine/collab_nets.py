@@ -98,14 +98,20 @@ def _chunks(index):
 
 def pair_dot(user_table, movie_table, user_index, movie_index):
     """Dot products of rows ``user_index`` of one table with rows ``movie_index`` of the
-    other, (batch,): ``PairDot`` for Embeddings or Parameters."""
+    other, (batch,): ``PairDot`` for Embeddings or Parameters.
+
+    Unlike the plain look-up, the two index tensors must be 1-D and of one length (no
+    broadcasting), the tables of one dtype, and the tables must not be changed in place
+    between the forward and the backward pass (autograd then raises, as they are saved).
+    """
+    if user_index.dim() != 1 or user_index.shape != movie_index.shape:
+        raise ValueError(f"user and movie indexes must be 1-D and of one length, got "
+                         f"{tuple(user_index.shape)} and {tuple(movie_index.shape)}")
     return PairDot.apply(_weight(user_table), _weight(movie_table), user_index, movie_index)
 
 
 class FastDotProduct(DotProduct):
     """``DotProduct`` (same parameters, same predictions) with ``PairDot``'s backward pass."""
-
-    rows = staticmethod(lookup)
 
     def dot(self, user_index, movie_index):
         return pair_dot(self.user_factors, self.movie_factors, user_index, movie_index)

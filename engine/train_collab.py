@@ -57,9 +57,10 @@ EVAL_BATCH = 1 << 18  # rows per forward pass when only predicting (no activatio
 # from this many ratings a step, each batch is put in user order first. The set is the same, so
 # the step is too (up to float rounding), but the user table is then read and its gradient
 # accumulated front to back: at ML-25M size (162,541 x 50), batch 131,072, one CPU core,
-# gather 18 -> 7 ms and index_add 45 -> 15 ms, for a 4 ms sort. Small batches gain nothing,
-# nor do small user tables, which stay in the cache anyway (ml-100k's 944 users: the sort
-# only cost time).
+# gather 18 -> 7 ms and index_add 45 -> 15 ms, for a 4 ms sort (measured before the dot
+# products moved to PairDot's chunked scatter_add_, which reads the tables the same way).
+# Small batches gain nothing, nor do small user tables, which stay in the cache anyway
+# (ml-100k's 944 users: the sort only cost time). Sizes between were not measured.
 SORTED_BATCH = 8192
 SORTED_USERS = 50_000
 
@@ -346,12 +347,13 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS.
 
     A CPU training step allocates a few batch-sized buffers (3.2 MB each at 16,000 ratings of
-    width 50) and frees them again. glibc serves blocks that large with ``mmap`` or returns the
-    top of its heap once freed, so every step page-faults fresh zeroed memory in: ~40,000
-    faults in a 5-epoch fit on ml-100k. Raising ``M_MMAP_THRESHOLD`` to its 32 MiB maximum and
-    ``M_TRIM_THRESHOLD`` to 1 GiB makes later steps reuse the same pages (the fit measured ~25%
-    faster on one core). The cost is that the process keeps its peak heap until it exits.
-    Process-wide, done once; does nothing where the C library is not glibc.
+    width 50) and frees them again. glibc serves blocks that large with ``mmap``, or returns
+    the top of its heap to the OS once it is freed, so steps keep page-faulting fresh zeroed
+    memory in: ~10,000 to 40,000 faults in a 5-epoch fit on ml-100k, about none with this.
+    Raising ``M_MMAP_THRESHOLD`` to its 32 MiB maximum and ``M_TRIM_THRESHOLD`` to 1 GiB
+    makes later steps reuse the same pages (the fit measured ~25% faster on one core). The
+    cost is that the process keeps its peak heap until it exits. Process-wide, done once;
+    does nothing where the C library is not glibc.
 
     Returns
     -------
@@ -365,7 +367,8 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # one without mallopt
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    taken = [mallopt(m_mmap_threshold, 32 << 20), mallopt(m_trim_threshold, 1 << 30)]
+    return all(taken)
 
 
 def _epoch_generator(seed, epoch, rank, device):
@@ -579,6 +582,11 @@ def train(split, config, device="auto", run_dir=None, resume=False, progress=Tru
     Returns
     -------
     TrainResult
+
+    Notes
+    -----
+    On the CPU this calls ``keep_freed_memory``: from then on the whole process keeps freed
+    memory for reuse, so its resident size stays at its peak until it exits.
     """
     check_config(config)
     if resume and run_dir is None:

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -157,6 +158,9 @@ def fastai_learner(chapter, ratings, split, seed, sampling, start=None):
         order = None  # set before each epoch by GivenOrder
 
         def shuffle_fn(self, idxs):
+            if self.order is None:
+                raise RuntimeError("GivenOrderDL draws an epoch only after the GivenOrder "
+                                   "callback has handed it that epoch's order")
             return [idxs[i] for i in self.order.tolist()]
 
     set_seed(seed)
@@ -169,6 +173,13 @@ def fastai_learner(chapter, ratings, split, seed, sampling, start=None):
                                     dl_type=dl_type)
     if list(dls.classes["title"]) != split.movies.classes:
         raise SystemExit("fastai numbered the titles differently from engine.splits")
+    if start is not None:
+        # the same order means the same batches only if the rows are the same, in one order
+        rows = dls.train.items
+        if not (np.array_equal(rows["user"].to_numpy(), split.train_users)
+                and np.array_equal(rows["title"].to_numpy(), split.train_movies)):
+            raise SystemExit("fastai's training rows differ from engine.splits' (order or "
+                             "encoding): the same start would not give the same batches")
 
     if chapter.fastai == "learner":
         model = (copy.deepcopy(start) if start is not None
@@ -302,7 +313,7 @@ def main(argv=None):
     unknown = [key for key in keys if key not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
-    if args.start == "same" and args.fastai_sampling == "replacement":
+    if args.start == "same" and args.fastai_sampling == "replacement" and not args.no_fastai:
         parser.error("--fastai-sampling replacement draws fastai's own batches: use it with "
                      "--start own")
 

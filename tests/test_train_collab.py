@@ -9,7 +9,10 @@ reason) where hundreds of optimizer steps are.
 import argparse
 import json
 import math
-import resource
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,43 +133,67 @@ def test_pair_dot_gradient_passes_finite_differences():
     assert torch.autograd.gradcheck(PairDot.apply, (user_table, movie_table, users, movies))
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("chunk", [7, 4096])  # 500 pairs: 72 passes, or one
 @pytest.mark.parametrize("kind, plain", [("dot", DotProduct), ("dotbias", DotProductBias)])
-def test_fast_models_train_as_the_plain_modules(kind, plain, chunk, monkeypatch):
+def test_fast_models_differentiate_as_the_plain_modules(kind, plain, chunk, dtype, rtol,
+                                                        monkeypatch):
     # the hand-written backward against autograd through the look-up-multiply-sum modules
     monkeypatch.setattr(collab_nets, "CPU_CHUNK", chunk)
-    fast = build_model(kind, 30, 40, n_factors=6).double()
-    reference = plain(30, 40, 6, y_range=(0.0, 5.5)).double()
+    fast = build_model(kind, 30, 40, n_factors=6).to(dtype)
+    reference = plain(30, 40, 6, y_range=(0.0, 5.5)).to(dtype)
     with torch.no_grad():
         for parameter in fast.parameters():  # far from the 0.01 start, so errors would show
             parameter.normal_(0.0, 0.5)
     reference.load_state_dict(fast.state_dict())
 
     users, movies = index_pairs(30, 40)
-    weights = torch.rand(len(users), dtype=torch.float64)
+    weights = torch.rand(len(users), dtype=dtype)
     predictions = {}
     for name, model in (("fast", fast), ("reference", reference)):
         predictions[name] = model(users, movies)
         (predictions[name] * weights).sum().backward()
     assert_allclose(predictions["fast"].detach().numpy(),
-                    predictions["reference"].detach().numpy(), rtol=1e-13)
+                    predictions["reference"].detach().numpy(), rtol=rtol)
     for (name, ours), theirs in zip(fast.named_parameters(), reference.parameters()):
-        assert_allclose(ours.grad.numpy(), theirs.grad.numpy(), rtol=1e-12, atol=1e-14,
+        assert_allclose(ours.grad.numpy(), theirs.grad.numpy(), rtol=rtol, atol=rtol / 100,
                         err_msg=name)
 
 
+def test_pair_dot_refuses_indexes_of_two_lengths():
+    model = build_model("dot", 30, 40, n_factors=6)
+    with pytest.raises(ValueError, match=r"one length, got \(5,\) and \(4,\)"):
+        model(torch.arange(5), torch.arange(4))
+
+
+# three batch-sized buffers (16,000 x 50 float32) alive at once, then freed: a training step
+STEPS_AFTER_KEEP_FREED_MEMORY = """
+import resource, torch
+from engine.train_collab import keep_freed_memory
+taken = keep_freed_memory()
+def step():
+    buffers = [torch.empty(800_000).fill_(1.0) for _ in range(3)]
+for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    step()
+print(taken, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
 def test_keep_freed_memory_lets_batch_buffers_be_reused():
-    taken = keep_freed_memory()
-    for _ in range(3):  # the heap grows to hold one buffer once
-        torch.empty(1 << 20).fill_(1.0)  # 4 MiB, a large training batch's size
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(50):
-        torch.empty(1 << 20).fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    if taken:
-        assert faults < 100  # glibc's default would map 1024 fresh pages for every buffer
-    else:
-        assert faults > 0  # not glibc: nothing was changed, so the pages come fresh
+    # a fresh process: this one's heap has long been shaped by everything pytest ran before.
+    # Without the call, glibc's adaptive thresholds make the count depend on the heap's layout
+    # (0 to ~115,000 faults seen for these 50 steps), so only the call's side is asserted.
+    printed = subprocess.run([sys.executable, "-c", STEPS_AFTER_KEEP_FREED_MEMORY],
+                             capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    taken, faults = printed[-2], int(printed[-1])
+
+    assert taken == str(platform.libc_ver()[0] == "glibc")  # mallopt took both settings
+    if taken == "True":
+        assert faults < 100  # 50 steps of 9.6 MB: the same pages every step
 
 
 def test_truncated_init_draws_what_fastai_embedding_draws():
@@ -475,9 +502,10 @@ def test_loss_plot_and_history_survive_a_json_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_with_mixed_precision_matches_cpu(tmp_path):
+@pytest.mark.parametrize("kind", ["embnn", "dot", "dotbias"])
+def test_cuda_with_mixed_precision_matches_cpu(tmp_path, kind):
     *_, split = synthetic_split(tmp_path, n_users=200, n_movies=100)
-    config = TrainConfig(model="embnn", layers=(32, 16), epochs=3, lr=1e-2, bs=64, seed=0)
+    config = TrainConfig(model=kind, layers=(32, 16), epochs=3, lr=1e-2, bs=64, seed=0)
     on_cpu = train(split, config, device="cpu", progress=False)
     on_gpu = train(split, config, device="cuda", progress=False)
     assert on_gpu.device.startswith("cuda")
