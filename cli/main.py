@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import warnings
 
 from cli import movielens, paddy, workbooks
 from engine.errors import InputError
@@ -31,6 +32,9 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     _report_to_stderr(quiet=args.quiet)
+    # fastai's import calls torch.jit.script, which torch 2.9+ deprecates: a warning about
+    # fastai's code that a user of this command can do nothing about
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
     try:
         return args.run(args)
     except InputError as exc:

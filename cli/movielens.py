@@ -41,6 +41,13 @@ def train_command(args):
     settings = _settings(args, out)
     config = _config(settings)
     check_config(config)  # before the data is read: a large release takes a while
+    if settings["split"] == "random" and not 0 < settings["valid_pct"] < 1:
+        raise InputError(f"--valid-pct must be above 0 and below 1, got "
+                         f"{settings['valid_pct']}: the validation loss needs ratings to score")
+    if args.device == "cuda":
+        from engine.torch_collab import resolve_device
+
+        resolve_device("cuda")  # an InputError now, rather than after loading the data
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be 1 or more, got {args.threads}")
@@ -144,7 +151,7 @@ def _load_split(settings, data_folder, download):
     if folder is None:
         if not download:
             raise InputError(f"MovieLens {name} was not found; {how_to_provide(release)} "
-                             f"(--download)")
+                             f"(--data DIR, --download)")
         folder = download_release(name)
     if _rank() == 0:
         log.info("MovieLens %s found in %s", name, folder)

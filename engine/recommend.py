@@ -56,6 +56,9 @@ def load_run(path, device="cpu"):
         )
     saved = load_checkpoint(path)
     if "seen_indptr" not in saved:
+        if saved.get("epoch") == saved["config"].get("epochs"):
+            raise InputError(f"{path} is a training checkpoint; the trained model is "
+                             f"{path.parent / MODEL_FILE}: pass it or its folder")
         raise InputError(f"{path} is a checkpoint of an unfinished run, not a trained model: "
                          f"finish it with --resume")
 
@@ -64,7 +67,11 @@ def load_run(path, device="cpu"):
     model = build_model(config.model, len(users), len(movies), n_factors=config.n_factors,
                         y_range=config.y_range, layers=config.layers,
                         n_hidden=config.n_hidden, init=config.init)
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError:  # the weights do not fit the model its own settings describe
+        raise InputError(f"{path} is damaged: its weights do not match its settings "
+                         f"({config.model}, {config.n_factors} factors); train it again") from None
     model = model.to(resolve_device(device)).eval()
     log.info("loaded %s (%s, %d users, %d movies)", path, config.model, len(users) - 1,
              len(movies) - 1)

@@ -439,6 +439,9 @@ def check_config(config):
     for name in ("epochs", "bs", "n_factors", "n_hidden"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be 1 or more, got {getattr(config, name)}")
+    if not config.layers or min(config.layers) < 1:
+        raise InputError(f"layers must be one or more widths of 1 or more, got "
+                         f"{list(config.layers)}")
     if not config.lr > 0:
         raise InputError(f"the learning rate must be above 0, got {config.lr}")
     if not config.wd >= 0:
@@ -452,7 +455,10 @@ def check_config(config):
 
 
 def check_run_dir(run_dir, force=False, resume=False):
-    """Refuse to write over a finished or started run unless told to.
+    """Refuse to write over a finished or started run unless told to; create the folder.
+
+    With ``force`` (and no ``resume``) the old run's checkpoint, model and plot are deleted,
+    so that the folder never mixes two runs.
 
     Returns
     -------
@@ -470,6 +476,16 @@ def check_run_dir(run_dir, force=False, resume=False):
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir} exists and is not a folder")
+    try:  # now, not after the first epoch: a parent that is a file fails here
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the run folder {run_dir}: {exc.strerror}; choose "
+                         f"another --out") from None
+    if force and not resume:
+        # a forced run starts over: the old run's files must not pass for the new run's,
+        # even if this one is interrupted before it writes its own
+        for name in (CHECKPOINT, MODEL_FILE, PLOT_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     return run_dir
 
 
@@ -517,11 +533,21 @@ def load_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a folder, not a checkpoint file") from None
     except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
-        raise InputError(f"{path} is not a readable checkpoint ({exc})") from None
+        raise InputError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{path} is not an xlmirror collaborative-filtering checkpoint")
     return state
+
+
+def _first_line(exc):
+    """A short reason for a failed load: torch's own messages run to many lines of advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not text or text.isdigit() or "weights_only" in text or len(text) > 120:
+        return f"{type(exc).__name__}: not a PyTorch file, or a damaged one"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _check_same_run(saved, config, split, path):
@@ -712,7 +738,9 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
         # the epoch's two numbers, summed over processes: the only device syncs of the epoch
         train_loss = _all_sum(loss_sum, processes) / (steps_per_epoch * processes.world_size)
         squared_errors = _squared_error_sum(trained, *valid_data, amp)
-        valid_loss = _all_sum(squared_errors, processes) / max(n_valid, 1)
+        # no validation ratings: NaN, never a loss of 0 that reads like a perfect fit
+        valid_loss = _all_sum(squared_errors, processes) / n_valid if n_valid else torch.tensor(
+            float("nan"))
         stats = EpochStats(epoch + 1, train_loss.item(), valid_loss.item(),
                            time.perf_counter() - started)
         history.append(stats)

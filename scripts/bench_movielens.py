@@ -252,40 +252,44 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    for part in ("ml100k", "scale", "cuda", "u1"):
-        parser.add_argument(f"--{part}", action="store_true")
+    parts = {"ml100k": "ours against fastai on ml-100k", "scale": "ML-25M size on the CPU",
+             "cuda": "ML-25M size on a CUDA GPU", "u1": "test RMSE on the u1 split"}
+    for part, text in parts.items():
+        parser.add_argument(f"--{part}", action="store_true", help=f"run this part: {text}")
     parser.add_argument("--data", metavar="DIR", help="the ml-100k folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="split, weights and order")
     parser.add_argument("--repeats", type=int, default=5, help="fits of ours to take the "
                         "median of (and u1 seeds)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="on ml-100k, both sides")
     parser.add_argument("--bs", type=int, default=16000, help="ours on ml-100k (5 steps an epoch)")
     parser.add_argument("--lr", type=float, default=0.2, help="ours on ml-100k")
     parser.add_argument("--wd", type=float, default=3.0, help="ours on ml-100k")
-    parser.add_argument("--no-fastai", action="store_true")
+    parser.add_argument("--no-fastai", action="store_true", help="time ours only")
     parser.add_argument("--fastai-sampling", nargs="+", default=["replacement"],
                         choices=("replacement", "permutation"),
                         help="fastai 2.8's default epoch draws with replacement; permutation "
                              "is fastbook's (and ours)")
     parser.add_argument("--scale-fraction", type=float, default=1.0,
                         help="share of ML-25M's 25M ratings to generate")
-    parser.add_argument("--scale-epochs", type=int, default=2)
-    parser.add_argument("--scale-bs", type=int, default=1 << 17)
-    parser.add_argument("--scale-lr", type=float, default=0.05)
-    parser.add_argument("--scale-wd", type=float, default=0.1)
-    parser.add_argument("--cuda-bs", type=int, default=1 << 18)
+    parser.add_argument("--scale-epochs", type=int, default=2, help="epochs of --scale and --cuda")
+    parser.add_argument("--scale-bs", type=int, default=1 << 17, help="batch size of --scale")
+    parser.add_argument("--scale-lr", type=float, default=0.05,
+                        help="peak learning rate of --scale and --cuda")
+    parser.add_argument("--scale-wd", type=float, default=0.1,
+                        help="weight decay of --scale and --cuda")
+    parser.add_argument("--cuda-bs", type=int, default=1 << 18, help="batch size of --cuda")
     # the u1 defaults won a grid search scored with --u1-holdout (see the module docstring)
-    parser.add_argument("--u1-model", default="dotbias")
-    parser.add_argument("--u1-factors", type=int, default=100)
-    parser.add_argument("--u1-epochs", type=int, default=10)
-    parser.add_argument("--u1-bs", type=int, default=512)
-    parser.add_argument("--u1-lr", type=float, default=3e-3)
-    parser.add_argument("--u1-wd", type=float, default=0.5)
+    parser.add_argument("--u1-model", default="dotbias", help="model of --u1")
+    parser.add_argument("--u1-factors", type=int, default=100, help="factors of --u1")
+    parser.add_argument("--u1-epochs", type=int, default=10, help="epochs of --u1")
+    parser.add_argument("--u1-bs", type=int, default=512, help="batch size of --u1")
+    parser.add_argument("--u1-lr", type=float, default=3e-3, help="peak learning rate of --u1")
+    parser.add_argument("--u1-wd", type=float, default=0.5, help="weight decay of --u1")
     parser.add_argument("--u1-holdout", action="store_true",
                         help="score on a 10%% hold-out of u1.base instead of u1.test, to choose "
                              "the --u1-* settings without looking at the test set")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
 

@@ -491,6 +491,65 @@ def test_cli_refuses_what_it_should(tmp_path, capsys):
     assert "lower --bs" in capsys.readouterr().out
 
 
+def test_cli_refuses_bad_runs_before_training(tmp_path, capsys):
+    folder = write_movielens(tmp_path / "ml-100k", n_users=30, n_movies=20)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    base = ["train", "movielens", "--data", str(folder), "--seed", "1", "--epochs", "1",
+            "--bs", "16", "--no-progress"]
+    cases = [
+        (["--out", str(a_file / "run")], "cannot create the run folder"),
+        (["--out", str(tmp_path / "r1"), "--model", "embnn", "--layers", "0"], "layers must"),
+        (["--out", str(tmp_path / "r2"), "--model", "embnn", "--layers", "-5"], "layers must"),
+        (["--out", str(tmp_path / "r3"), "--valid-pct", "0"], "--valid-pct must be above 0"),
+    ]
+    for extra, fragment in cases:
+        assert run_cli(base + extra) == EXIT_USAGE, extra
+        captured = capsys.readouterr()
+        assert fragment in captured.out, extra
+        assert "epoch 1" not in captured.err, extra  # refused before any training
+    assert a_file.read_text() == "mine"
+
+
+def test_forced_run_never_leaves_the_old_runs_files(tmp_path, capsys, monkeypatch):
+    folder = write_movielens(tmp_path / "ml-100k", n_users=30, n_movies=20)
+    out = tmp_path / "run"
+    base = ["train", "movielens", "--data", str(folder), "--seed", "1", "--epochs", "1",
+            "--bs", "16", "--out", str(out), "--no-progress"]
+    assert run_cli(base) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_collab, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(base + ["--force", "--seed", "2"])
+    assert list(out.iterdir()) == []  # no model of the old run left to pass for the new one
+
+
+def test_recommend_explains_files_that_are_not_trained_models(tmp_path, capsys):
+    folder = write_movielens(tmp_path / "ml-100k", n_users=30, n_movies=20)
+    out = tmp_path / "run"
+    assert run_cli(["train", "movielens", "--data", str(folder), "--seed", "1", "--epochs",
+                    "1", "--bs", "16", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    assert run_cli(["recommend", str(out / CHECKPOINT), "--user", "1"]) == EXIT_USAGE
+    assert f"the trained model is {out / MODEL_FILE}" in capsys.readouterr().out
+
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    assert run_cli(["recommend", str(tmp_path / "noise.pt"), "--user", "1"]) == EXIT_USAGE
+    message = capsys.readouterr().out
+    assert "not a readable checkpoint" in message and "weights_only" not in message
+    assert len(message.strip().splitlines()) == 1
+
+    saved = torch.load(out / MODEL_FILE, weights_only=True)
+    saved["config"]["n_factors"] = 7  # settings that no longer describe the weights
+    torch.save(saved, tmp_path / "damaged.pt")
+    assert run_cli(["recommend", str(tmp_path / "damaged.pt"), "--user", "1"]) == EXIT_USAGE
+    assert "its weights do not match its settings" in capsys.readouterr().out
+
+
 def test_loss_plot_and_history_survive_a_json_round_trip(tmp_path):
     history = [train_collab.EpochStats(1, 1.0, 0.9, 0.5), train_collab.EpochStats(2, 0.8, 0.85,
                                                                                    0.4)]
