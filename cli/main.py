@@ -38,11 +38,16 @@ def main(argv=None):
     try:
         return args.run(args)
     except InputError as exc:
-        print(f"xlmirror: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("xlmirror: interrupted", file=sys.stderr)
         return 130
+
+
+def print_error(exc):
+    """A user's mistake as the one line every command prints for it."""
+    print(f"xlmirror: error: {exc}", file=sys.stderr)
 
 
 class _CurrentStderr(logging.StreamHandler):

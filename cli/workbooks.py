@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 from engine.errors import InputError
@@ -11,7 +10,6 @@ from engine.errors import InputError
 log = logging.getLogger("xlmirror")
 
 EXIT_MISMATCH = 1  # check found a cell over the tolerance
-EXIT_UNREADABLE = 2  # check could not read one of its files (cli.main's EXIT_USAGE)
 
 
 def build_command(args):
@@ -25,6 +23,7 @@ def build_command(args):
 
 
 def check_command(args):
+    from cli.main import EXIT_USAGE, print_error  # here: cli.main imports this module
     from sheets.check import available_engines, check_workbook, format_report, report_dict
 
     engines, notes = available_engines()
@@ -37,7 +36,7 @@ def check_command(args):
             if len(args.files) == 1:
                 raise
             # one bad file among several: say so and go on, the other reports still count
-            print(f"xlmirror: error: {exc}", file=sys.stderr)
+            print_error(exc)
             unreadable.append({"path": str(path), "ok": False, "error": str(exc)})
             continue
         report.notes.extend(notes)
@@ -48,7 +47,7 @@ def check_command(args):
     if args.json:
         print(json.dumps([report_dict(report) for report in reports] + unreadable, indent=2))
     if unreadable:
-        return EXIT_UNREADABLE
+        return EXIT_USAGE
     return 0 if all(report.ok for report in reports) else EXIT_MISMATCH
 
 

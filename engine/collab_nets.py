@@ -110,21 +110,22 @@ def pair_dot(user_table, movie_table, user_index, movie_index):
     return PairDot.apply(_weight(user_table), _weight(movie_table), user_index, movie_index)
 
 
-class FastDotProduct(DotProduct):
-    """``DotProduct`` (same parameters, same predictions) with ``PairDot``'s backward pass."""
+class _PairDotFactors:
+    """The factor dot products through ``pair_dot``, for a ``DotProduct`` subclass."""
 
     def dot(self, user_index, movie_index):
         return pair_dot(self.user_factors, self.movie_factors, user_index, movie_index)
 
 
-class FastDotProductBias(DotProductBias):
+class FastDotProduct(_PairDotFactors, DotProduct):
+    """``DotProduct`` (same parameters, same predictions) with ``PairDot``'s backward pass."""
+
+
+class FastDotProductBias(_PairDotFactors, DotProductBias):
     """``DotProductBias`` (same parameters, same predictions) with ``PairDot``'s backward
     pass; the bias rows through ``lookup``."""
 
     rows = staticmethod(lookup)
-
-    def dot(self, user_index, movie_index):
-        return pair_dot(self.user_factors, self.movie_factors, user_index, movie_index)
 
 
 class CollabNN(nn.Module):

@@ -544,7 +544,8 @@ def load_checkpoint(path):
 
 def _first_line(exc):
     """A short reason for a failed load: torch's own messages run to many lines of advice."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
     if not text or text.isdigit() or "weights_only" in text or len(text) > 120:
         return f"{type(exc).__name__}: not a PyTorch file, or a damaged one"
     return f"{type(exc).__name__}: {text}"
@@ -738,9 +739,10 @@ def _train(split, config, processes, run_dir, resume, progress, stop_after_epoch
         # the epoch's two numbers, summed over processes: the only device syncs of the epoch
         train_loss = _all_sum(loss_sum, processes) / (steps_per_epoch * processes.world_size)
         squared_errors = _squared_error_sum(trained, *valid_data, amp)
-        # no validation ratings: NaN, never a loss of 0 that reads like a perfect fit
-        valid_loss = _all_sum(squared_errors, processes) / n_valid if n_valid else torch.tensor(
-            float("nan"))
+        if n_valid:
+            valid_loss = _all_sum(squared_errors, processes) / n_valid
+        else:  # no validation ratings: NaN, never a loss of 0 that reads like a perfect fit
+            valid_loss = torch.tensor(math.nan)
         stats = EpochStats(epoch + 1, train_loss.item(), valid_loss.item(),
                            time.perf_counter() - started)
         history.append(stats)
